@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -26,6 +27,13 @@ from blocks.errors import (
 from blocks.pgbackrest import BackupSet, PgBackRest, format_target_time
 
 MARKER = "dr_recovery.json"
+
+
+def free_local_port() -> int:
+    """A TCP port nothing listens on at the moment, for a restored instance."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class PostgresInstance(BaseModel):
@@ -300,7 +308,7 @@ class PostgresCluster(Block):
         except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
             return None
 
-    def restore_beside(self, incident_id: str, target: datetime | str, port: int) -> Candidate:
+    def restore_beside(self, incident_id: str, target: datetime | str, port: int | None = None) -> Candidate:
         """Restore the newest suitable backup plus WAL into a NEW data directory and start it on ``port``.
 
         The primary's data directory is never touched. A candidate already restored for the same
@@ -327,6 +335,7 @@ class PostgresCluster(Block):
             shutil.move(data_dir, f"{data_dir}.partial-{int(datetime.now().timestamp())}")
         os.makedirs(data_dir, mode=0o700)
         chown_to(data_dir, self.os_user)
+        port = port or free_local_port()
         backup_set = self.pgbackrest.restore(data_dir, target_type=target_type, target=target, port=port)
         self._write_marker(
             data_dir,

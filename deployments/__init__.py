@@ -1,0 +1,1 @@
+"""How flows are served (work pools, schedules in prefect.yaml) and the project CLI."""

@@ -1,0 +1,183 @@
+"""``dr``: the project's command line.
+
+    dr up | down | status           the embedded sandbox estate
+    dr drill [SCENARIO|all] [--json] run drills on the sandbox
+    dr approve FLOW_RUN_ID ...      answer a paused recovery
+    dr report FLOW_RUN_ID           rebuild a run's incident report from the Prefect API
+    dr unfence CLUSTER              let writes into a fenced primary again
+"""
+
+from __future__ import annotations
+
+# Prefect reads its settings once, at import: point at the sandbox's server first.
+from sandbox.paths import use_sandbox_api
+
+use_sandbox_api()
+
+import json  # noqa: E402
+import sys  # noqa: E402
+from enum import Enum  # noqa: E402
+from uuid import UUID  # noqa: E402
+
+import typer  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Disaster-recovery flows on Prefect.")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _flow_run_id(value: str) -> UUID:
+    try:
+        return UUID(value)
+    except ValueError:
+        _fail(f"flow run id {value!r} is not a UUID (copy it from the Prefect UI or `prefect flow-run ls`)")
+
+
+@app.command()
+def up(deploy: bool = typer.Option(True, help="Also create the work pool, deploy the flows and start a worker.")) -> None:
+    """Start the sandbox estate (creating it the first time). Safe to run again."""
+    from sandbox import estate
+
+    info = estate.up(deploy=deploy)
+    typer.echo(f"state directory : {info.root}")
+    typer.echo(f"Prefect UI      : {info.ui_url}")
+    typer.echo(f"Prefect API     : {info.api_url}")
+    typer.echo(f"primary DSN     : {info.primary_dsn}")
+    typer.echo(f"replica DSN     : {info.replica_dsn}")
+    typer.echo(f"cluster block   : {info.cluster_block} (password in the block and {info.root}/pg/pgpass)")
+
+
+@app.command()
+def down() -> None:
+    """Stop every sandbox process (worker, Prefect server, PostgreSQL). Data stays for the next `dr up`."""
+    from sandbox import estate
+
+    stopped = estate.down()
+    typer.echo("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+@app.command()
+def status() -> None:
+    """Show whether the sandbox runs, and where."""
+    from sandbox import estate
+
+    if not estate.is_up():
+        typer.echo("sandbox is not running (start it with `dr up`)")
+        raise typer.Exit(1)
+    info = estate.info()
+    typer.echo(f"Prefect UI: {info.ui_url}\nprimary DSN: {info.primary_dsn}\nreplica DSN: {info.replica_dsn}")
+
+
+@app.command()
+def drill(
+    scenario: str = typer.Argument("all", help="Scenario to drill, or 'all'."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of results."),
+    rows: int = typer.Option(100_000, help="Rows to seed for database drills."),
+) -> None:
+    """Inject a fault into the sandbox, run its recovery with the drill approval policy, and check it."""
+    from sandbox import drills, estate
+
+    names = list(drills.DRILLS) if scenario == "all" else [scenario]
+    unknown = [n for n in names if n not in drills.DRILLS]
+    if unknown:
+        _fail(f"unknown drill {unknown[0]!r}; known: {', '.join(drills.DRILLS)}, all")
+    if rows < 1000:
+        _fail(f"--rows {rows} is too small for a meaningful drill; use at least 1000")
+    if not estate.is_up():
+        typer.echo("starting the sandbox ...", err=True)
+        estate.up()
+    results = []
+    for name in names:
+        typer.echo(f"drill {name} ...", err=True)
+        results.append(drills.DRILLS[name](rows=rows))
+    if as_json:
+        typer.echo(json.dumps([r.as_dict() for r in results], indent=2))
+    else:
+        typer.echo(f"{'scenario':<16} {'RTO achieved/objective':<26} {'RPO achieved/objective':<26} {'verdict':<8} report")
+        for r in results:
+            rto = f"{r.rto_seconds:.1f}s / {r.rto_objective_seconds}s" if r.rto_seconds is not None else f"- / {r.rto_objective_seconds}s"
+            rpo = f"{r.rpo_seconds:.1f}s / {r.rpo_objective_seconds}s" if r.rpo_seconds is not None else f"- / {r.rpo_objective_seconds}s"
+            typer.echo(f"{r.scenario:<16} {rto:<26} {rpo:<26} {'PASS' if r.passed else 'FAIL':<8} {r.report}")
+            for c in r.checks:
+                if not c["passed"]:
+                    typer.echo(f"    failed check: {c['name']}: {c['detail']}")
+    if not all(r.passed for r in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+def approve(
+    flow_run_id: str = typer.Argument(..., help="The paused flow run."),
+    approver: str = typer.Option(..., help="Your name, as listed in the run's allowed approvers."),
+    comment: str = typer.Option(..., help="What you checked, or why you reject."),
+    reject: bool = typer.Option(False, "--reject", help="Reject instead of approving."),
+) -> None:
+    """Answer a recovery paused for approval (the same as the Resume form in the Prefect UI)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.flow_runs import resume_flow_run
+
+    run_id = _flow_run_id(flow_run_id)
+    if not approver.strip():
+        _fail("--approver is empty; give your name")
+    if not comment.strip():
+        _fail("--comment is empty; say what you checked or why you reject")
+    with get_client(sync_client=True) as client:
+        try:
+            run = client.read_flow_run(run_id)
+        except ObjectNotFound:
+            _fail(f"no flow run {run_id} on {client.api_url}")
+    if not run.state or not run.state.is_paused():
+        _fail(f"flow run {run_id} is not paused (state: {run.state.name if run.state else 'none'}); nothing to approve")
+    allowed = [a.strip() for a in (run.parameters.get("allowed_approvers") or [])]
+    if approver.strip() not in allowed:
+        _fail(f"approver {approver.strip()!r} is not allowed for flow run {run_id}; allowed: {', '.join(allowed) or 'nobody'}")
+    resume_flow_run(run_id, run_input={"approve": not reject, "approver": approver.strip(), "comment": comment.strip()})
+    typer.echo(f"{'rejected' if reject else 'approved'} flow run {run_id} as {approver.strip()}")
+
+
+class ReportFormat(str, Enum):
+    md = "md"
+    json = "json"
+
+
+@app.command()
+def report(
+    flow_run_id: str = typer.Argument(..., help="The recovery's flow run."),
+    format: ReportFormat = typer.Option(ReportFormat.md, "--format", help="md or json."),
+) -> None:
+    """Rebuild a run's incident report from the Prefect API alone."""
+    from blocks.errors import RecoveryError
+    from tasks.evidence import load_report, render_markdown
+
+    run_id = _flow_run_id(flow_run_id)
+    try:
+        rep = load_report(run_id)
+    except RecoveryError as exc:
+        _fail(str(exc))
+    if format is ReportFormat.json:
+        typer.echo(json.dumps(rep.model_dump(mode="json"), indent=2))
+    else:
+        sys.stdout.write(render_markdown(rep))
+
+
+@app.command()
+def unfence(cluster_block: str = typer.Argument(..., help="PostgresCluster block name.")) -> None:
+    """Let writes into the cluster's primary again after a recovery that did not promote."""
+    from blocks import PostgresCluster
+    from blocks.errors import RecoveryError
+    from tasks.estate import load_block
+
+    try:
+        cluster = load_block(PostgresCluster, cluster_block)
+        cluster.unfence()
+    except RecoveryError as exc:
+        _fail(str(exc))
+    typer.echo(f"primary of {cluster_block} ({cluster.primary.address}) accepts writes again")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Recovery flows: one module per scenario; each reads like the runbook it replaces."""

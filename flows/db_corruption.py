@@ -1,0 +1,314 @@
+"""Database corruption: point-in-time restore beside the primary, verify, approve, promote.
+
+Runbook (continuity plans: "Database Corruption", "Database Failure Response", "Point-in-Time Recovery"):
+  1. preflight: the target is tz-aware, inside the recoverable window, the restore point exists
+  2. stop all writes to prevent further corruption (fence)
+  3. restore the last clean backup plus WAL up to the target into a NEW instance
+  4. verify integrity (pg_amcheck, row counts, sentinel queries) and measure the data loss
+  5. a named approver approves, seeing the evidence
+  6. promote: the endpoint applications use is served by the restored instance; the old
+     primary's data directory is kept aside
+  7. post-checks at the endpoint, a fresh full backup, and the incident report
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timezone
+
+from prefect import flow, get_run_logger, runtime
+from prefect.states import Cancelled, Completed, Failed, State
+
+from blocks import PostgresCluster, RecoveryObjectives, VerificationQuery
+from blocks.errors import InvalidInput
+from tasks.approval import ApprovalPolicy, auto_approval, check_approval_settings, request_approval
+from tasks.estate import load_block
+from tasks.evidence import RecoveryReport, publish_evidence, utcnow
+from tasks.locks import recovery_lock
+from tasks.postgres import (
+    archive_current_wal,
+    assess_corruption,
+    check_endpoint,
+    check_target_in_window,
+    fence_writes,
+    find_restore_point,
+    list_backups,
+    measure_data_loss,
+    parse_recovery_target,
+    refuse_future,
+    promote_restored_instance,
+    require_aware,
+    restore_to_point_in_time,
+    stop_restored_instance,
+    take_full_backup,
+    verify_restored_instance,
+)
+
+SCENARIO = "db-corruption"
+
+
+def incident_key(cluster_block: str, recovery_target: str, incident_detected_at: datetime) -> str:
+    """A stable id for one incident, so a re-run of the same recovery finds its earlier work."""
+    digest = hashlib.sha256(f"{cluster_block}|{recovery_target}|{incident_detected_at.isoformat()}".encode()).hexdigest()
+    return f"{cluster_block}-{incident_detected_at.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}-{digest[:6]}"
+
+
+def _preview(report: RecoveryReport, cluster: PostgresCluster) -> str:
+    failed = report.failed_critical()
+    lines = [
+        f"## Promote the restored database for `{report.target}`?",
+        "",
+        f"- **Recovery target**: {report.recovery_target}",
+        f"- **Recoverable window**: {report.recoverable_window['earliest']} .. {report.recoverable_window['latest']}"
+        if report.recoverable_window else "- **Recoverable window**: -",
+        f"- **Restored instance**: port {report.candidate['port']}, backup set {report.candidate['backup_set']}",
+        f"- **Data-loss window**: {report.rpo_seconds:.1f} s of commits (objective {report.rpo_objective_seconds} s); "
+        f"last restored commit {report.last_restored_commit.isoformat() if report.last_restored_commit else 'none'}"
+        if report.rpo_seconds is not None else "- **Data-loss window**: unknown",
+        "",
+        "| Check | Result | Detail |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {c.name} | {'pass' if c.passed else 'FAIL'} | {c.detail} |" for c in report.checks]
+    lines += [
+        "",
+        f"Approving stops the primary at {cluster.primary.address}, moves its data directory to "
+        f"`{cluster.primary.data_directory}.replaced-{report.incident_id}` and serves the endpoint from the "
+        "restored instance. Rejecting keeps the restored instance for inspection and promotes nothing.",
+        "" if not failed else f"**{len(failed)} critical check(s) failed.**",
+    ]
+    return "\n".join(lines)
+
+
+@flow(name="database-corruption-recovery", description="Point-in-time restore beside the primary, verify, approve, promote.")
+def db_corruption(
+    cluster_block: str,
+    recovery_target: str,
+    incident_detected_at: datetime,
+    verification_queries: list[VerificationQuery] | None = None,
+    row_count_tables: list[str] | None = None,
+    approval_policy: ApprovalPolicy = "required",
+    allowed_approvers: list[str] | None = None,
+    approval_timeout_seconds: int = 3600,
+    dry_run: bool = False,
+    drill: bool = False,
+    objectives_block: str = "default",
+    business_function: str = "database",
+    incident_id: str | None = None,
+    lock_wait_seconds: int = 30,
+    take_backup_after: bool = True,
+    approval_poll_seconds: float = 5,
+) -> State:
+    """Recover a corrupted PostgreSQL cluster to a point in time before the corruption.
+
+    Args:
+        cluster_block: name of the PostgresCluster block.
+        recovery_target: ISO-8601 time with a UTC offset, or the name of a restore point.
+        incident_detected_at: when the corruption was detected (tz-aware); RTO and data loss count from it.
+        verification_queries: sentinel queries the restored instance must answer as expected.
+        row_count_tables: tables whose row counts go into the evidence.
+        approval_policy: 'required' (a named approver) or 'auto' (drills only, recorded as such).
+        allowed_approvers: who may approve the promotion.
+        approval_timeout_seconds: how long to wait for approval before giving up without promoting.
+        dry_run: record the plan and change nothing.
+        drill: this run is a drill (the only case where 'auto' approval is allowed).
+        objectives_block: name of the RecoveryObjectives block (built-in defaults when 'default' is absent).
+        business_function: which objective applies.
+        incident_id: identifies the incident; derived from the inputs when empty, so a re-run resumes.
+        lock_wait_seconds: how long to wait for another recovery of the same cluster to finish.
+        take_backup_after: take a full backup of the recovered primary at the end.
+        approval_poll_seconds: how often a paused run checks for an answer.
+    """
+    logger = get_run_logger()
+    queries = list(verification_queries or [])
+    tables = list(row_count_tables or [])
+    approvers = list(allowed_approvers or [])
+    started = utcnow()
+    report = RecoveryReport(
+        scenario=SCENARIO, incident_id=incident_id or "unassigned", target=cluster_block,
+        flow_run_id=str(runtime.flow_run.id) if runtime.flow_run.id else None,
+        drill=drill, dry_run=dry_run, incident_detected_at=incident_detected_at, started_at=started,
+        recovery_target=recovery_target, rto_objective_seconds=0, rpo_objective_seconds=0,
+    )
+    final: State | None = None
+    try:
+        with report.step("Preflight: validate inputs") as step:
+            require_aware("incident_detected_at", incident_detected_at)
+            refuse_future("incident_detected_at", incident_detected_at, started)
+            check_approval_settings(approval_policy, approvers, approval_timeout_seconds, drill)
+            target = parse_recovery_target(recovery_target)
+            if isinstance(target, datetime):
+                refuse_future("recovery target", target, started)
+            objectives = load_block(
+                RecoveryObjectives, objectives_block,
+                default=RecoveryObjectives() if objectives_block == "default" else None,
+            )
+            objective = objectives.for_function(business_function)
+            report.rto_objective_seconds, report.rpo_objective_seconds = objective.rto_seconds, objective.rpo_seconds
+            cluster = load_block(PostgresCluster, cluster_block)
+            report.incident_id = incident_id or incident_key(cluster_block, recovery_target, incident_detected_at)
+            step.detail = f"target {recovery_target}; incident {report.incident_id}"
+
+        with recovery_lock(cluster_block, lock_wait_seconds) as lock:
+            logger.info("Holding %s for incident %s", lock, report.incident_id)
+            final = _recover(cluster, report, target, queries, tables, approval_policy, approvers,
+                             approval_timeout_seconds, approval_poll_seconds, dry_run, take_backup_after)
+        return final
+    except BaseException as exc:
+        report.outcome = "Refused" if isinstance(exc, InvalidInput) else "Failed"
+        report.summary = report.summary or f"The recovery stopped: {exc}"
+        raise
+    finally:
+        report.ended_at = utcnow()
+        publish_evidence(report)
+
+
+def _recover(
+    cluster: PostgresCluster,
+    report: RecoveryReport,
+    target: datetime | str,
+    queries: list[VerificationQuery],
+    tables: list[str],
+    approval_policy: str,
+    approvers: list[str],
+    approval_timeout_seconds: int,
+    approval_poll_seconds: float,
+    dry_run: bool,
+    take_backup_after: bool,
+) -> State:
+    promoted = cluster.promoted_incident()
+    already = bool(promoted and promoted.get("incident_id") == report.incident_id)
+    if already:
+        with report.step("Resume: promotion already done") as step:
+            step.detail = f"endpoint already serves the restore of {report.incident_id} (promoted {promoted.get('promoted_at')})"
+            report.promotion = {
+                "endpoint": cluster.primary.address, "data_directory": cluster.primary.data_directory,
+                "old_primary_aside": promoted.get("old_primary_aside"), "already_promoted": True,
+                "promoted_at": promoted.get("promoted_at"),
+            }
+            report.candidate = {"data_directory": cluster.primary.data_directory, "port": cluster.primary.port,
+                                "backup_set": promoted.get("backup_set")}
+            report.last_restored_commit = cluster.last_replayed_commit(cluster.primary.port)
+            report.rpo_seconds = _loss_seconds(report)
+    else:
+        with report.step("Preflight: recoverable window") as step:
+            if not cluster.is_reachable():
+                raise InvalidInput(f"cluster {report.target!r}: primary {cluster.primary.address} is unreachable")
+            archived = None if dry_run else archive_current_wal(cluster)
+            window = list_backups(cluster, archived)
+            report.recoverable_window = window.as_dict()
+            if isinstance(target, datetime):
+                check_target_in_window(target, window)
+            elif not find_restore_point(cluster, target):
+                raise InvalidInput(
+                    f"restore point {target!r} is not in the archived WAL of stanza {cluster.pgbackrest_stanza!r}"
+                )
+            step.detail = f"window {window.earliest.isoformat()} .. {window.latest.isoformat()}"
+
+        candidate_dir = cluster.candidate_directory(report.incident_id)
+        plan = [
+            f"fence writes on {cluster.primary.address}: default_transaction_read_only=on, end client sessions",
+            f"restore the newest backup before the target plus WAL to {report.recovery_target} into {candidate_dir}",
+            f"verify the restored instance: pg_amcheck, row counts of {tables or 'no tables'}, {len(queries)} sentinel queries",
+            "ask " + (", ".join(approvers) if approval_policy == "required" else "nobody (auto, drill)") + " to approve",
+            f"stop {cluster.primary.address}, move {cluster.primary.data_directory} to "
+            f"{cluster.primary.data_directory}.replaced-{report.incident_id}, start the restored instance there",
+            "check the endpoint and take a fresh full backup",
+        ]
+        report.plan = plan
+        if dry_run:
+            report.outcome = "DryRun"
+            report.summary = "Dry run: the plan was recorded and nothing was changed."
+            return Completed(name="DryRun", message=report.summary)
+
+        with report.step("Assess damage on the primary") as step:
+            damage = assess_corruption(cluster)
+            report.add_checks("primary", [damage])
+            step.detail = damage.detail
+
+        with report.step("Fence writes") as step:
+            step.detail = f"{fence_writes(cluster)} client sessions ended; primary read-only"
+
+        with report.step("Restore beside the primary") as step:
+            candidate = restore_to_point_in_time(cluster, report.incident_id, target)
+            report.candidate = {"data_directory": candidate.data_directory, "port": candidate.port,
+                                "backup_set": candidate.backup_set, "reused": candidate.reused}
+            step.detail = f"{candidate.data_directory} on port {candidate.port} from backup {candidate.backup_set}"
+
+        with report.step("Verify the restored instance") as step:
+            report.add_checks("restored", verify_restored_instance(cluster, candidate.port, tables, queries))
+            loss = measure_data_loss(cluster, candidate.port, report.incident_detected_at)
+            report.last_restored_commit, report.rpo_seconds = loss.last_restored_commit, loss.seconds
+            failed = report.failed_critical("restored")
+            step.outcome = "ok" if not failed else "failed"
+            step.detail = f"{len(report.checks)} checks, {len(failed)} critical failures; data loss {loss.seconds} s"
+
+        if report.failed_critical("restored"):
+            stop_restored_instance(cluster, candidate)
+            report.outcome = "VerificationFailed"
+            report.summary = (f"The restored instance failed verification and was not promoted; it is kept at "
+                              f"{candidate.data_directory}. The primary stays fenced.")
+            report.action_items += [f"inspect {candidate.data_directory}", "choose another recovery target"]
+            return Failed(name="VerificationFailed", message=report.summary)
+
+        with report.step("Approval") as step:
+            if approval_policy == "auto":
+                decision = auto_approval("drill run: approval policy 'auto'")
+                report.approvals.append(decision)
+            else:
+                decision, answers = request_approval(_preview(report, cluster), approvers, approval_timeout_seconds,
+                                                     approval_poll_seconds)
+                report.approvals.extend(answers)
+            if decision is None or not decision.approved:
+                step.outcome = "timed out" if decision is None else "rejected"
+                step.detail = "no approval" if decision is None else f"{decision.approver}: {decision.comment}"
+            else:
+                step.detail = f"approved by {decision.approver}"
+
+        if decision is None or not decision.approved:
+            stop_restored_instance(cluster, candidate)
+            name = "ApprovalTimedOut" if decision is None else "Rejected"
+            report.outcome = name
+            report.summary = (f"Promotion was {'not approved in time' if decision is None else 'rejected'}; nothing was "
+                              f"promoted. The restored candidate is kept at {candidate.data_directory} (port "
+                              f"{candidate.port}, stopped). The primary stays fenced.")
+            report.action_items += [f"inspect or discard the candidate at {candidate.data_directory}",
+                                    f"unfence the primary with `dr unfence {report.target}` if it should take writes again"]
+            logger.warning(report.summary)
+            return Failed(name=name, message=report.summary) if decision is None else Cancelled(name=name, message=report.summary)
+
+        with report.step("Promote the restored instance") as step:
+            promotion = promote_restored_instance(cluster, candidate)
+            report.promotion = {"endpoint": promotion.endpoint, "data_directory": promotion.data_directory,
+                                "old_primary_aside": promotion.old_primary_aside,
+                                "already_promoted": promotion.already_promoted, "promoted_at": promotion.promoted_at}
+            step.detail = f"{promotion.endpoint} served from {promotion.data_directory}; old primary at {promotion.old_primary_aside}"
+
+    with report.step("Post-checks at the endpoint") as step:
+        report.add_checks("endpoint", check_endpoint(cluster, queries))
+        failed = report.failed_critical("endpoint")
+        step.outcome = "ok" if not failed else "failed"
+        step.detail = f"{len(failed)} critical failures"
+    if report.failed_critical("endpoint"):
+        report.outcome = "PostCheckFailed"
+        report.summary = "The restored instance serves the endpoint but post-checks failed; see Verification Results."
+        return Failed(name="PostCheckFailed", message=report.summary)
+
+    report.service_restored_at = utcnow()
+    report.rto_seconds = (report.service_restored_at - report.incident_detected_at).total_seconds()
+    if take_backup_after:
+        with report.step("Full backup of the recovered primary") as step:
+            step.detail = f"backup set {take_full_backup(cluster).label}"
+    for check in report.checks:
+        if check.name == "replicas streaming" and not check.passed:
+            report.action_items.append(f"rebuild replicas of {report.target} from the recovered primary")
+    report.outcome = "Recovered"
+    report.summary = (f"The database {report.target} was restored to {report.recovery_target} and serves "
+                      f"applications again at {cluster.primary.address}.")
+    return Completed(name="Recovered", message=report.summary)
+
+
+def _loss_seconds(report: RecoveryReport) -> float | None:
+    if report.last_restored_commit is None:
+        return None
+    return max(0.0, (report.incident_detected_at - report.last_restored_commit).total_seconds())

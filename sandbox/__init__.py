@@ -1,0 +1,1 @@
+"""The embedded default estate: real servers on loopback for drills and tests."""

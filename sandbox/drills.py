@@ -1,0 +1,168 @@
+"""Drills on the sandbox: inject a real fault, run the recovery flow with the drill approval
+policy, and check the result against what was committed before the fault.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from blocks import PostgresCluster, VerificationQuery
+from sandbox import estate, pgcluster
+from tasks.evidence import load_report, render_markdown
+
+SEED_SQL = """
+DROP SCHEMA IF EXISTS drill CASCADE;
+CREATE SCHEMA drill;
+CREATE TABLE drill.customers (id bigint PRIMARY KEY, email text NOT NULL, created_at timestamptz NOT NULL);
+CREATE TABLE drill.orders (id bigint PRIMARY KEY, customer_id bigint NOT NULL REFERENCES drill.customers,
+                           amount_cents bigint NOT NULL, status text NOT NULL);
+CREATE TABLE drill.payments (id bigint PRIMARY KEY, order_id bigint NOT NULL REFERENCES drill.orders,
+                             paid_cents bigint NOT NULL, reference text NOT NULL);
+CREATE TABLE drill.ledger (id bigint PRIMARY KEY, note text NOT NULL, committed_at timestamptz NOT NULL DEFAULT clock_timestamp());
+INSERT INTO drill.customers SELECT g, 'customer' || g || '@example.test', now() - (g || ' minutes')::interval
+  FROM generate_series(1, {customers}) g;
+INSERT INTO drill.orders SELECT g, 1 + (g % {customers}), 100 + (g * 37) % 100000,
+  (ARRAY['new','paid','shipped','closed'])[1 + g % 4] FROM generate_series(1, {orders}) g;
+INSERT INTO drill.payments SELECT g, g, 100 + (g * 37) % 100000, md5(g::text) FROM generate_series(1, {payments}) g;
+CREATE INDEX ON drill.orders (customer_id);
+CREATE INDEX ON drill.payments (order_id);
+ANALYZE;
+"""
+
+
+@dataclass
+class DrillResult:
+    scenario: str
+    passed: bool
+    rto_seconds: float | None
+    rto_objective_seconds: int
+    rpo_seconds: float | None
+    rpo_objective_seconds: int
+    flow_run_id: str | None
+    outcome: str
+    report: str
+    ui_url: str
+    checks: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check(name: str, passed: bool, detail: str) -> dict:
+    return {"name": name, "passed": bool(passed), "detail": detail}
+
+
+def damage_page(lay: pgcluster.ClusterLayout, table: str, block: int = 1) -> str:
+    """Overwrite part of one on-disk page of ``table`` while the primary is stopped (checksums catch it)."""
+    relpath = pgcluster.psql(lay, lay.primary_port, f"CHECKPOINT; SELECT pg_relation_filepath('{table}')").splitlines()[-1]
+    pgcluster.stop(lay.primary_dir)
+    path = lay.primary_dir / relpath
+    with open(path, "r+b") as fh:
+        fh.seek(block * 8192 + 512)
+        fh.write(os.urandom(256))
+    pgcluster.start(lay.primary_dir)
+    return str(path)
+
+
+def _prune_kept_directories(lay: pgcluster.ClusterLayout, keep: int = 2) -> None:
+    """Sandbox housekeeping: keep only the newest ``keep`` replaced primaries and candidates."""
+    for pattern, base in (("primary.replaced-*", lay.root / "pg"), ("*", lay.recovery_dir)):
+        kept = sorted((p for p in base.glob(pattern) if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        for old in kept[:-keep]:
+            for pid in old.glob("**/postmaster.pid"):
+                pgcluster.stop(pid.parent, "immediate")
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def db_corruption(rows: int = 100_000) -> DrillResult:
+    """Seed >= ``rows`` rows, corrupt the database (a destructive transaction and a damaged page), recover."""
+    from flows.db_corruption import db_corruption as recovery_flow
+
+    info = estate.info()
+    lay = estate.layout()
+    _prune_kept_directories(lay)
+    pgcluster.ensure_replica(lay)
+    customers, orders = rows // 5, rows // 2
+    payments = rows - customers - orders
+    pgcluster.psql(lay, lay.primary_port, SEED_SQL.format(customers=customers, orders=orders, payments=payments))
+    cluster = PostgresCluster.load(estate.CLUSTER_BLOCK)
+    cluster.backup("full")
+
+    # Work that must survive: committed before the recovery target.
+    pgcluster.psql(lay, lay.primary_port,
+                   "INSERT INTO drill.ledger (id, note) SELECT g, 'before' FROM generate_series(1, 500) g")
+    time.sleep(0.5)
+    target = datetime.now(timezone.utc)
+    time.sleep(0.5)
+    # Work committed after the target: a point-in-time restore must not bring it back.
+    pgcluster.psql(lay, lay.primary_port,
+                   "INSERT INTO drill.ledger (id, note) SELECT g, 'after' FROM generate_series(501, 600) g")
+    # The incident: a destructive transaction, then on-disk page damage.
+    pgcluster.psql(lay, lay.primary_port,
+                   "BEGIN; DELETE FROM drill.payments WHERE id % 3 = 0; UPDATE drill.customers SET email = 'x'; COMMIT")
+    damaged = damage_page(lay, "drill.orders")
+    detected = datetime.now(timezone.utc)
+
+    queries = [
+        VerificationQuery(name="orders intact", sql="SELECT count(*) FROM drill.orders", expected=str(orders)),
+        VerificationQuery(name="payments intact", sql="SELECT count(*) FROM drill.payments", expected=str(payments)),
+        VerificationQuery(name="no overwritten emails",
+                          sql="SELECT count(*) FROM drill.customers WHERE email = 'x'", expected="0"),
+    ]
+    state = recovery_flow(
+        cluster_block=estate.CLUSTER_BLOCK,
+        recovery_target=target.isoformat(),
+        incident_detected_at=detected,
+        verification_queries=queries,
+        row_count_tables=["drill.customers", "drill.orders", "drill.payments", "drill.ledger"],
+        approval_policy="auto",
+        drill=True,
+        return_state=True,
+    )
+    flow_run_id = str(state.state_details.flow_run_id)
+    report = load_report(flow_run_id)
+    reports = info.root / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    report_path = reports / f"{flow_run_id}.md"
+    report_path.write_text(render_markdown(report))
+    (reports / f"{flow_run_id}.json").write_text(json.dumps(report.model_dump(mode="json"), indent=2))
+
+    checks = [_check("flow outcome", report.outcome == "Recovered", f"{state.name}: {report.summary}")]
+    if report.outcome == "Recovered":
+        before = int(pgcluster.psql(lay, lay.primary_port, "SELECT count(*) FROM drill.ledger WHERE note = 'before'"))
+        after = int(pgcluster.psql(lay, lay.primary_port, "SELECT count(*) FROM drill.ledger WHERE note = 'after'"))
+        checks += [
+            _check("rows committed before the target are back", before == 500, f"{before} of 500"),
+            _check("rows committed after the target are absent", after == 0, f"{after} of 100 present"),
+        ]
+    damage = [c for c in report.checks if c.stage == "primary"]
+    checks.append(_check("page damage caught by checksums on the old primary", bool(damage) and not damage[0].passed,
+                         f"{damaged}: {damage[0].detail if damage else 'not assessed'}"))
+    critical = [c for c in report.checks if c.critical and c.stage in ("restored", "endpoint")]
+    checks.append(_check("restored instance verified", bool(critical) and all(c.passed for c in critical),
+                         "; ".join(f"{c.name}: {c.detail}" for c in critical)))
+    checks.append(_check("RTO within objective", bool(report.rto_met), f"{report.rto_seconds} s of {report.rto_objective_seconds} s"))
+    checks.append(_check("RPO within objective", bool(report.rpo_met), f"{report.rpo_seconds} s of {report.rpo_objective_seconds} s"))
+    pgcluster.ensure_replica(lay)
+    return DrillResult(
+        scenario="db-corruption",
+        passed=all(c["passed"] for c in checks),
+        rto_seconds=report.rto_seconds,
+        rto_objective_seconds=report.rto_objective_seconds,
+        rpo_seconds=report.rpo_seconds,
+        rpo_objective_seconds=report.rpo_objective_seconds,
+        flow_run_id=flow_run_id,
+        outcome=report.outcome,
+        report=str(report_path),
+        ui_url=f"{info.ui_url}/runs/flow-run/{flow_run_id}",
+        checks=checks,
+    )
+
+
+DRILLS = {"db-corruption": db_corruption}

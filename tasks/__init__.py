@@ -1,0 +1,1 @@
+"""Retryable, idempotent steps over the blocks, one module per system."""
