@@ -5,6 +5,7 @@
     dr approve FLOW_RUN_ID ...      answer a paused recovery
     dr report FLOW_RUN_ID           rebuild a run's incident report from the Prefect API
     dr unfence CLUSTER              let writes into a fenced primary again
+    dr unlock TARGET                release a recovery lock a dead run left behind
 """
 
 from __future__ import annotations
@@ -177,6 +178,22 @@ def unfence(cluster_block: str = typer.Argument(..., help="PostgresCluster block
     except RecoveryError as exc:
         _fail(str(exc))
     typer.echo(f"primary of {cluster_block} ({cluster.primary.address}) accepts writes again")
+
+
+@app.command()
+def unlock(
+    target: str = typer.Argument(..., help="The cluster (or other target) whose recovery lock to release."),
+    force: bool = typer.Option(False, "--force", help="Release even though the holder still looks alive."),
+) -> None:
+    """Release a recovery lock left behind by a run that died without releasing it."""
+    from tasks.locks import lock_holder, release_lock
+
+    holder = lock_holder(target)
+    if holder and not holder["final"] and not force:
+        _fail(f"lock of {target!r} is held by flow run {holder['flow_run_id']} ({holder['state']}); "
+              "if that run is really dead, mark it Crashed or Cancelled, or pass --force")
+    release_lock(target)
+    typer.echo(f"released the recovery lock of {target!r}")
 
 
 if __name__ == "__main__":

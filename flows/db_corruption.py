@@ -149,7 +149,7 @@ def db_corruption(
             report.incident_id = incident_id or incident_key(cluster_block, recovery_target, incident_detected_at)
             step.detail = f"target {recovery_target}; incident {report.incident_id}"
 
-        with recovery_lock(cluster_block, lock_wait_seconds) as lock:
+        with recovery_lock(cluster_block, lock_wait_seconds, runtime.flow_run.id) as lock:
             logger.info("Holding %s for incident %s", lock, report.incident_id)
             final = _recover(cluster, report, target, queries, tables, approval_policy, approvers,
                              approval_timeout_seconds, approval_poll_seconds, dry_run, take_backup_after)
@@ -194,7 +194,9 @@ def _recover(
         with report.step("Preflight: recoverable window") as step:
             if not cluster.is_reachable():
                 raise InvalidInput(f"cluster {report.target!r}: primary {cluster.primary.address} is unreachable")
-            archived = None if dry_run else archive_current_wal(cluster)
+            # A real run closes and archives the current WAL segment first, so "now" is reachable;
+            # a dry run changes nothing and judges the target against that same bound.
+            archived = utcnow() if dry_run else archive_current_wal(cluster)
             window = list_backups(cluster, archived)
             report.recoverable_window = window.as_dict()
             if isinstance(target, datetime):
@@ -274,7 +276,7 @@ def _recover(
                               f"{candidate.port}, stopped). The primary stays fenced.")
             report.action_items += [f"inspect or discard the candidate at {candidate.data_directory}",
                                     f"unfence the primary with `dr unfence {report.target}` if it should take writes again"]
-            logger.warning(report.summary)
+            get_run_logger().warning(report.summary)
             return Failed(name=name, message=report.summary) if decision is None else Cancelled(name=name, message=report.summary)
 
         with report.step("Promote the restored instance") as step:

@@ -10,7 +10,6 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
 from blocks import PostgresCluster, VerificationQuery
 from sandbox import estate, pgcluster

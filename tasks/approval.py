@@ -5,16 +5,27 @@ from __future__ import annotations
 import time
 from typing import Literal
 
+import anyio
 from prefect import get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext
 from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
+from prefect.flow_runs import apause_flow_run
 from prefect.input import RunInput
+from prefect.input.actions import read_flow_run_input
+from prefect.input.run_input import keyset_from_base_key
+from prefect.states import Running
+from prefect.utilities.asyncutils import run_coro_as_sync
 from pydantic import Field, field_validator
 
 from blocks.errors import InvalidInput
 from tasks.evidence import ApprovalRecord, utcnow
 
 ApprovalPolicy = Literal["required", "auto"]
+
+# The server-side pause outlives the approval deadline by this much, so that at the deadline
+# the flow can still leave the pause on its own terms and end in a state it names.
+PAUSE_GRACE_SECONDS = 120
 
 
 class ApprovalDecision(RunInput):
@@ -69,14 +80,8 @@ def request_approval(
         if remaining <= 0:
             return None, answers
         attempt += 1
-        try:
-            decision = pause_flow_run(
-                wait_for_input=form,
-                timeout=remaining,
-                poll_interval=min(poll_interval_seconds, max(remaining / 2, 1)),
-                key=f"approval-{attempt}",
-            )
-        except FlowPauseTimeout:
+        decision = _wait_for_answer(form, f"approval-{attempt}", remaining, min(poll_interval_seconds, max(remaining / 2, 1)))
+        if decision is None:
             return None, answers
         record = ApprovalRecord(
             approver=decision.approver, approved=decision.approve, comment=decision.comment,
@@ -90,6 +95,30 @@ def request_approval(
             "Refused an answer from %r: not among the allowed approvers %s; waiting again",
             record.approver, sorted(allowed),
         )
+
+
+def _wait_for_answer(form: type[ApprovalDecision], key: str, wait_seconds: float, poll_seconds: float):
+    """Pause until an answer arrives or ``wait_seconds`` pass; then leave the pause, which has not yet expired."""
+
+    async def bounded():
+        with anyio.move_on_after(wait_seconds):
+            return await apause_flow_run(wait_for_input=form, timeout=int(wait_seconds) + PAUSE_GRACE_SECONDS,
+                                         poll_interval=poll_seconds, key=key)
+        return None
+
+    try:
+        answer = run_coro_as_sync(bounded())
+    except FlowPauseTimeout:
+        answer = None
+    if answer is not None:
+        return answer
+    flow_run_id = FlowRunContext.get().flow_run.id
+    with get_client(sync_client=True) as client:
+        if client.read_flow_run(flow_run_id).state.is_paused():
+            client.set_flow_run_state(flow_run_id, Running(message="approval deadline passed without an answer"))
+    # An answer may have landed between the deadline and leaving the pause.
+    late = read_flow_run_input(keyset_from_base_key(f"paused-{key}")["response"], flow_run_id=flow_run_id)
+    return ApprovalDecision.model_validate(late) if late is not None else None
 
 
 def auto_approval(reason: str) -> ApprovalRecord:

@@ -156,7 +156,8 @@ def _cell(text: str) -> str:
 def render_markdown(report: RecoveryReport) -> str:
     """The incident report, in the shape of the continuity plan's template."""
     end = report.service_restored_at or report.ended_at
-    duration = (end - report.incident_detected_at).total_seconds() if end else None
+    aware = report.incident_detected_at.tzinfo is not None  # a refused naive input is still reported
+    duration = (end - report.incident_detected_at).total_seconds() if end and aware else None
     lines = [
         f"# Incident Report: {report.scenario} ({report.incident_id})",
         "",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from prefect import get_run_logger, task
 
@@ -66,7 +66,10 @@ def list_backups(cluster: PostgresCluster, archived_through: datetime | None = N
         )
     latest = archived_through or cluster.latest_archived_time() or backups[-1].stopped_at
     latest = max(latest, backups[-1].stopped_at)
-    return RecoverableWindow(earliest=backups[0].stopped_at, latest=latest, backups=backups)
+    # pgBackRest records a backup's stop time in whole seconds and only picks a backup whose stop
+    # time is strictly before the target: the first usable target is one second after it.
+    earliest = backups[0].stopped_at + timedelta(seconds=1)
+    return RecoverableWindow(earliest=earliest, latest=latest, backups=backups)
 
 
 @task(name="find-restore-point", **policy(timeout_seconds=600))
@@ -209,7 +212,7 @@ def check_target_in_window(target: datetime, window: RecoverableWindow, now: dat
     if target < window.earliest:
         raise InvalidInput(
             f"recovery target {target.isoformat()} is before the earliest recoverable point "
-            f"{window.earliest.isoformat()} (end of the oldest backup)"
+            f"{window.earliest.isoformat()} (just after the end of the oldest backup)"
         )
     if target > window.latest:
         raise InvalidInput(
