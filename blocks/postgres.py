@@ -268,6 +268,9 @@ class PostgresCluster(Block):
             nothing has been written since the last switch.
         """
         with self.connect() as conn:
+            # Recovery to a time stops at the first commit after it; on a quiet database there may be
+            # none, and recovery would end short of its target. An xid-only commit (no data) ends the WAL.
+            conn.execute("SELECT pg_current_xact_id()")
             lsn_row = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()
             wanted = lsn_row[0]
 

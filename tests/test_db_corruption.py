@@ -185,3 +185,15 @@ def test_report_is_rebuilt_from_the_api_alone(cluster, prefect_api):
     as_json = dr(prefect_api, "report", str(run_id), "--format", "json")
     assert as_json.returncode == 0 and '"outcome": "Recovered"' in as_json.stdout
     assert render_markdown(load_report(run_id)) == out.stdout
+
+
+def test_a_quiet_database_with_no_commit_after_the_target_recovers(cluster):
+    name, block, pg = cluster
+    time.sleep(1.1)
+    sql(pg, "CREATE TABLE ledger (id int PRIMARY KEY, note text NOT NULL)")
+    sql(pg, "INSERT INTO ledger SELECT g, 'before' FROM generate_series(1, 10) g")
+    time.sleep(0.5)
+    target = datetime.now(timezone.utc)  # nothing is committed after this
+    state = run(name, recovery_target=target.isoformat())
+    assert state.name == "Recovered", state.message
+    assert ledger(pg) == (10, 0)
