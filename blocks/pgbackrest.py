@@ -115,8 +115,7 @@ class PgBackRest:
         target_type: str,
         target: str,
         port: int,
-        extra_options: dict[str, str] | None = None,
-        delta: bool = False,
+        tablespace_dir: str | None = None,
     ) -> str:
         """Restore into ``data_directory`` (never the live one) up to ``target``; return the backup set used."""
         args = [
@@ -127,13 +126,17 @@ class PgBackRest:
             "--recovery-option=archive_mode=off",
             f"--recovery-option=port={port}",
         ]
-        for key, value in (extra_options or {}).items():
-            args.append(f"--recovery-option={key}={value}")
-        if delta:
-            args.append("--delta")
+        if tablespace_dir:
+            args.append(f"--tablespace-map-all={tablespace_dir}")
+        # Never reuse files in place: the target is always a new directory.
+        args += ["--no-delta", "--no-link-all"]
         proc = self._run("restore", *args, "--log-level-console=info")
         match = _BACKUP_SET.search(proc.stdout + proc.stderr)
         return match.group(1).rstrip(",") if match else "unknown"
+
+    def archive_push(self, wal_path: str) -> None:
+        """Push one WAL segment or history file into the repository."""
+        self._run("archive-push", params=(wal_path,), timeout=300)
 
     def restore_points(self, pg_waldump: str, max_segments: int = 512) -> list[str]:
         """Names of restore points found in the archived WAL (scans at most ``max_segments``)."""

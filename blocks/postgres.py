@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Iterator
+from typing import Iterator, Literal
 
 import psycopg
 from psycopg import sql
@@ -27,6 +28,24 @@ from blocks.errors import (
 from blocks.pgbackrest import BackupSet, PgBackRest, format_target_time
 
 MARKER = "dr_recovery.json"
+INCIDENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# SQLSTATE classes that may clear on their own: connection exceptions, operator intervention
+# (shutdown, crash, cannot connect now), insufficient resources.
+TRANSIENT_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53")
+
+
+def classify(exc: psycopg.Error, context: str) -> PostgresError:
+    """A project error for a psycopg error: transient only for connection loss and server restarts.
+
+    Authentication failures, unknown databases and cancelled statements are definite.
+    """
+    state = exc.sqlstate
+    message = f"{context}: {str(exc).strip()}"
+    if state is None and isinstance(exc, psycopg.OperationalError):
+        return PostgresUnavailable(message)  # no answer from a server at all
+    if state and state.startswith(TRANSIENT_SQLSTATES):
+        return PostgresUnavailable(message)
+    return PostgresError(message)
 
 
 def free_local_port() -> int:
@@ -130,6 +149,10 @@ class PostgresCluster(Block):
     recovery_directory: str = Field(
         description="Directory on the primary's host where restored candidates are created."
     )
+    environment: Literal["production", "staging", "sandbox"] = Field(
+        default="production",
+        description="Drills may approve themselves ('auto' policy) only outside production.",
+    )
     connect_timeout_seconds: int = Field(default=5, ge=1, description="Connect timeout for every session.")
     statement_timeout_seconds: int = Field(default=300, ge=1, description="Statement timeout for every session.")
     start_timeout_seconds: int = Field(default=600, ge=5, description="Upper bound for start, recovery and stop.")
@@ -165,7 +188,7 @@ class PostgresCluster(Block):
                 application_name="dr-pipelines",
             )
         except psycopg.OperationalError as exc:
-            raise PostgresUnavailable(f"cannot connect to PostgreSQL at {inst.address}: {exc}".strip()) from exc
+            raise classify(exc, f"cannot connect to PostgreSQL at {inst.address}") from exc
         try:
             yield conn
         finally:
@@ -177,10 +200,8 @@ class PostgresCluster(Block):
             try:
                 cur = conn.execute(statement, params)
                 row = cur.fetchone() if cur.description else None
-            except psycopg.OperationalError as exc:
-                raise PostgresUnavailable(f"lost connection to {self._instance(port).address}: {exc}") from exc
             except psycopg.Error as exc:
-                raise PostgresError(f"query failed on {self._instance(port).address}: {exc}") from exc
+                raise classify(exc, f"query failed on {self._instance(port).address}") from exc
         return None if row is None else row[0]
 
     def is_reachable(self, port: int | None = None) -> bool:
@@ -228,12 +249,26 @@ class PostgresCluster(Block):
     # ------------------------------------------------------------------ fencing
 
     def fence(self) -> int:
-        """Stop writes on the primary: read-only by default, then end other client sessions.
+        """Stop writes on the primary.
+
+        Every database's connection limit drops to 0 (the previous limit is kept in the database
+        setting ``dr.fenced_connlimit``), so no non-superuser can connect or reconnect; superuser
+        sessions get read-only transactions by default; other client sessions are ended.
 
         Returns:
-            How many sessions were terminated. Idempotent.
+            How many sessions were ended. Idempotent.
         """
         with self.connect() as conn:
+            conn.execute("SET default_transaction_read_only = off")
+            for name, limit, fenced in conn.execute(
+                "SELECT d.datname, d.datconnlimit, s.setconfig IS NOT NULL FROM pg_database d "
+                "LEFT JOIN pg_db_role_setting s ON s.setdatabase = d.oid AND s.setrole = 0 "
+                "AND s.setconfig::text LIKE '%dr.fenced_connlimit%' WHERE d.datallowconn"
+            ).fetchall():
+                if not fenced:
+                    conn.execute(sql.SQL("ALTER DATABASE {} SET dr.fenced_connlimit = {}").format(
+                        sql.Identifier(name), sql.Literal(str(limit))))
+                conn.execute(sql.SQL("ALTER DATABASE {} CONNECTION LIMIT 0").format(sql.Identifier(name)))
             conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
             conn.execute("SELECT pg_reload_conf()")
             wait_until(self.is_fenced, timeout=10, what="default_transaction_read_only to take effect")
@@ -244,10 +279,21 @@ class PostgresCluster(Block):
         return int(row[0])
 
     def unfence(self) -> None:
-        """Let writes in again. Idempotent."""
+        """Let connections and writes in again, with each database's previous connection limit. Idempotent."""
         with self.connect() as conn:
+            conn.execute("SET default_transaction_read_only = off")
+            rows = conn.execute(
+                "SELECT d.datname, split_part(c, '=', 2) FROM pg_database d "
+                "JOIN pg_db_role_setting s ON s.setdatabase = d.oid AND s.setrole = 0, "
+                "unnest(s.setconfig) AS c WHERE c LIKE 'dr.fenced_connlimit=%'"
+            ).fetchall()
+            for name, limit in rows:
+                conn.execute(sql.SQL("ALTER DATABASE {} CONNECTION LIMIT {}").format(
+                    sql.Identifier(name), sql.Literal(int(limit))))
+                conn.execute(sql.SQL("ALTER DATABASE {} RESET dr.fenced_connlimit").format(sql.Identifier(name)))
             conn.execute("ALTER SYSTEM RESET default_transaction_read_only")
             conn.execute("SELECT pg_reload_conf()")
+        wait_until(lambda: not self.is_fenced(), timeout=10, what="the primary to accept writes again")
 
     # ------------------------------------------------------------------ backups and window
 
@@ -300,6 +346,11 @@ class PostgresCluster(Block):
     # ------------------------------------------------------------------ restore beside
 
     def candidate_directory(self, incident_id: str) -> str:
+        """Where the restore for ``incident_id`` goes: always inside ``recovery_directory``."""
+        if not INCIDENT_ID.match(incident_id or "") or ".." in incident_id:
+            raise InvalidInput(
+                f"incident id {incident_id!r} is not a plain name (letters, digits, '.', '_', '-'; at most 128)"
+            )
         return os.path.join(self.recovery_directory, incident_id, "pgdata")
 
     def read_marker(self, data_directory: str) -> dict | None:
@@ -314,19 +365,19 @@ class PostgresCluster(Block):
     def restore_beside(self, incident_id: str, target: datetime | str, port: int | None = None) -> Candidate:
         """Restore the newest suitable backup plus WAL into a NEW data directory and start it on ``port``.
 
-        The primary's data directory is never touched. A candidate already restored for the same
-        incident and target is reused, so a retried or re-run restore does no work twice.
+        The primary's data directory is never touched (tablespaces are mapped inside the new
+        directory too). A candidate already restored for the same incident and target is reused,
+        one still starting is waited for, and an interrupted restore is moved aside and redone.
         """
         if isinstance(target, datetime):
             target_type, target = "time", format_target_time(target)
         else:
             target_type = "name"
         data_dir = self.candidate_directory(incident_id)
-        marker = self.read_marker(data_dir)
-        if marker and marker.get("target") == target and marker.get("state") == "restored":
-            self.start_instance(data_dir, marker["port"])
-            self.wait_until_promoted(marker["port"])
-            return Candidate(incident_id, data_dir, marker["port"], target_type, target, marker["backup_set"], True)
+        marker = self.read_marker(data_dir) or {}
+        if marker.get("target") == target and marker.get("state") in ("restored", "restoring"):
+            if marker["state"] == "restored" or self.instance_running(data_dir):
+                return self._finish_restore(data_dir, marker, reused=True)
         if os.path.exists(data_dir) and self.instance_running(data_dir):
             self.stop_instance(data_dir)
         parent = os.path.dirname(data_dir)
@@ -334,27 +385,28 @@ class PostgresCluster(Block):
         for path in (self.recovery_directory, parent):
             chown_to(path, self.os_user)
         if os.path.exists(data_dir):
-            # A partial restore from an interrupted attempt of this same incident: start clean.
+            # A partial restore from an interrupted attempt of this same incident: keep it aside, start clean.
             shutil.move(data_dir, f"{data_dir}.partial-{int(datetime.now().timestamp())}")
         os.makedirs(data_dir, mode=0o700)
         chown_to(data_dir, self.os_user)
         port = port or free_local_port()
-        backup_set = self.pgbackrest.restore(data_dir, target_type=target_type, target=target, port=port)
-        self._write_marker(
-            data_dir,
-            {
-                "incident_id": incident_id,
-                "target_type": target_type,
-                "target": target,
-                "port": port,
-                "backup_set": backup_set,
-                "state": "restoring",
-            },
+        backup_set = self.pgbackrest.restore(
+            data_dir, target_type=target_type, target=target, port=port, tablespace_dir=f"{data_dir}-tablespaces"
         )
-        self.start_instance(data_dir, port)
-        self.wait_until_promoted(port)
-        self._write_marker(data_dir, {**(self.read_marker(data_dir) or {}), "state": "restored"})
-        return Candidate(incident_id, data_dir, port, target_type, target, backup_set)
+        marker = {"incident_id": incident_id, "target_type": target_type, "target": target, "port": port,
+                  "backup_set": backup_set, "state": "restoring"}
+        self._write_marker(data_dir, marker)
+        return self._finish_restore(data_dir, marker, reused=False)
+
+    def _finish_restore(self, data_dir: str, marker: dict, reused: bool) -> Candidate:
+        self.start_instance(data_dir, marker["port"])
+        self.wait_until_promoted(marker["port"])
+        if marker.get("state") != "restored":
+            last = self.last_replayed_commit(marker["port"])
+            marker = {**marker, "state": "restored", "last_restored_commit": last.isoformat() if last else None}
+            self._write_marker(data_dir, marker)
+        return Candidate(marker["incident_id"], data_dir, marker["port"], marker["target_type"], marker["target"],
+                         marker["backup_set"], reused)
 
     def _write_marker(self, data_directory: str, content: dict) -> None:
         path = os.path.join(data_directory, MARKER)
@@ -373,7 +425,8 @@ class PostgresCluster(Block):
             open(log, "a").close()
             chown_to(log, self.os_user)
         try:
-            self._pg_ctl("start", "-w", "-D", data_directory, "-l", log, "-o", f"-p {port}")
+            self._pg_ctl("start", "-w", "-t", str(self.start_timeout_seconds), "-D", data_directory, "-l", log,
+                         "-o", f"-p {port}")
         except CommandFailed as exc:
             tail = ""
             try:
@@ -388,7 +441,7 @@ class PostgresCluster(Block):
         if not os.path.exists(os.path.join(data_directory, "postmaster.pid")):
             return
         try:
-            self._pg_ctl("stop", "-w", "-m", mode, "-D", data_directory)
+            self._pg_ctl("stop", "-w", "-t", str(self.start_timeout_seconds), "-m", mode, "-D", data_directory)
         except CommandFailed as exc:
             if self.instance_running(data_directory):
                 raise PostgresError(f"instance in {data_directory} did not stop: {exc}") from exc
@@ -406,26 +459,28 @@ class PostgresCluster(Block):
 
     # ------------------------------------------------------------------ verification
 
-    def amcheck(self, port: int | None = None) -> CheckResult:
-        """``pg_amcheck --heapallindexed`` over every database of the instance."""
+    def amcheck(self, port: int | None = None, install_missing: bool = True, timeout: float | None = None) -> CheckResult:
+        """``pg_amcheck --heapallindexed`` over every database of the instance.
+
+        With ``install_missing`` the amcheck extension is created where it is absent (a write:
+        use it on a restored candidate, not on a fenced primary). A check that overruns
+        ``timeout`` is reported as failed, never raised.
+        """
         inst = self._instance(port)
+        limit = timeout or self.statement_timeout_seconds
+        cmd = [self._bin("pg_amcheck"), "--host", inst.host, "--port", str(inst.port), "--username", self.user,
+               "--no-password", "--all", "--heapallindexed", "--maintenance-db", self.database]
+        if install_missing:
+            cmd.append("--install-missing")
         with self._pgpass() as env:
-            proc = run_as(
-                [
-                    self._bin("pg_amcheck"),
-                    "--host", inst.host, "--port", str(inst.port), "--username", self.user,
-                    "--no-password", "--all", "--install-missing", "--heapallindexed",
-                    "--maintenance-db", self.database,
-                ],
-                user=self.os_user,
-                timeout=self.statement_timeout_seconds,
-                env=env,
-                check=False,
-            )
+            try:
+                proc = run_as(cmd, user=self.os_user, timeout=limit, env=env, check=False)
+            except CommandFailed as exc:
+                return CheckResult("pg_amcheck", False, f"{inst.address}: did not finish within {limit:.0f} s ({exc.returncode})")
         output = (proc.stdout + proc.stderr).strip()
         if proc.returncode == 0:
             return CheckResult("pg_amcheck", True, f"no corruption found on {inst.address}")
-        problems = [line for line in output.splitlines() if line.strip()][:5]
+        problems = [line.strip() for line in output.splitlines() if line.strip()][:6]
         return CheckResult("pg_amcheck", False, f"{inst.address}: " + " | ".join(problems))
 
     def row_count(self, table: str, port: int | None = None) -> int:
@@ -458,36 +513,70 @@ class PostgresCluster(Block):
 
     # ------------------------------------------------------------------ promotion
 
+    def promotion_progress(self, incident_id: str) -> str | None:
+        """How far promotion for ``incident_id`` got: 'promoted', 'interrupted' (started, not finished) or None."""
+        primary_dir = self.primary.data_directory
+        if not primary_dir:
+            return None
+        at_endpoint = self.read_marker(primary_dir) or {}
+        if at_endpoint.get("incident_id") == incident_id:
+            return "promoted" if at_endpoint.get("state") == "promoted" else "interrupted"
+        candidate = self.read_marker(self.candidate_directory(incident_id)) or {}
+        if candidate.get("state") == "promoting" or os.path.exists(f"{primary_dir}.replaced-{incident_id}"):
+            return "interrupted"
+        return None
+
+    def promoted_incident(self) -> dict | None:
+        """The recovery marker of the data directory serving the endpoint, if a finished promotion put it there."""
+        marker = self.read_marker(self.primary.data_directory) if self.primary.data_directory else None
+        return marker if marker and marker.get("state") == "promoted" else None
+
+    def candidate_for(self, incident_id: str) -> Candidate | None:
+        """The restored candidate of ``incident_id``, wherever promotion left it."""
+        for data_dir in (self.candidate_directory(incident_id), self.primary.data_directory or ""):
+            marker = self.read_marker(data_dir) if data_dir else None
+            if marker and marker.get("incident_id") == incident_id:
+                return Candidate(incident_id, self.candidate_directory(incident_id), marker["port"],
+                                 marker["target_type"], marker["target"], marker["backup_set"], True)
+        return None
+
     def promote_candidate(self, candidate: Candidate) -> Promotion:
         """Put the verified candidate behind the primary's address; the old data directory is moved aside.
 
         Order keeps one writer at a time: the old primary stops before the candidate moves in.
-        Re-running after any interruption finishes the same promotion and never does it twice.
+        Every step is journalled in the candidate's marker first, so a re-run after an
+        interruption at any point finishes the same promotion and never does it twice.
         """
         primary_dir = self.primary.data_directory
         if not primary_dir:
             raise InvalidInput("the cluster's primary has no data_directory: promotion needs the primary's host")
         aside = f"{primary_dir}.replaced-{candidate.incident_id}"
-        already = (self.read_marker(primary_dir) or {}).get("incident_id") == candidate.incident_id
-        if not already:
-            if not os.path.isdir(candidate.data_directory):
+        moved_in = (self.read_marker(primary_dir) or {}).get("incident_id") == candidate.incident_id
+        already = moved_in and (self.read_marker(primary_dir) or {}).get("state") == "promoted"
+        if not moved_in:
+            marker = self.read_marker(candidate.data_directory)
+            if not marker:
                 raise PostgresError(f"candidate {candidate.data_directory} is missing; nothing to promote")
+            if marker.get("state") != "promoting":
+                self._check_movable(candidate.data_directory, primary_dir, aside)
+                self._write_marker(candidate.data_directory, {**marker, "state": "promoting", "old_primary_aside": aside})
+            elif os.path.exists(primary_dir) and os.path.exists(aside):
+                raise PostgresError(f"both {primary_dir} and {aside} exist; resolve by hand before promoting")
             self.stop_instance(candidate.data_directory)
             if os.path.exists(primary_dir):
                 self.stop_instance(primary_dir)
-                if os.path.exists(aside):
-                    raise PostgresError(f"{aside} already exists; refusing to overwrite a kept data directory")
                 os.rename(primary_dir, aside)
             os.rename(candidate.data_directory, primary_dir)
         self._set_auto_conf(primary_dir, {"port": str(self.primary.port), "archive_mode": "on"})
         if not already:
-            self._write_marker(
-                primary_dir,
-                {**(self.read_marker(primary_dir) or {}), "state": "promoted",
-                 "promoted_at": datetime.now(timezone.utc).isoformat(), "old_primary_aside": aside},
-            )
+            self._write_marker(primary_dir, {**(self.read_marker(primary_dir) or {}), "state": "promoted",
+                                             "promoted_at": datetime.now(timezone.utc).isoformat(),
+                                             "old_primary_aside": aside})
         self.start_instance(primary_dir, self.primary.port)
         self.wait_until_promoted(self.primary.port)
+        if not (self.read_marker(primary_dir) or {}).get("timeline_archived"):
+            self._archive_new_timeline(primary_dir)
+            self._write_marker(primary_dir, {**(self.read_marker(primary_dir) or {}), "timeline_archived": True})
         marker = self.read_marker(primary_dir) or {}
         return Promotion(
             endpoint=self.primary.address,
@@ -497,12 +586,33 @@ class PostgresCluster(Block):
             promoted_at=marker.get("promoted_at", ""),
         )
 
-    def promoted_incident(self) -> dict | None:
-        """The recovery marker of the data directory serving the endpoint, if a recovery put it there."""
-        if not self.primary.data_directory:
-            return None
-        marker = self.read_marker(self.primary.data_directory)
-        return marker if marker and marker.get("state") == "promoted" else None
+    def _check_movable(self, candidate_dir: str, primary_dir: str, aside: str) -> None:
+        """Refuse, before anything stops, a promotion whose directory moves could fail halfway."""
+        if os.path.exists(aside):
+            raise PostgresError(f"{aside} already exists; refusing to overwrite a kept data directory")
+        target_parent = os.path.dirname(primary_dir.rstrip("/")) or "/"
+        if os.stat(candidate_dir).st_dev != os.stat(target_parent).st_dev:
+            raise PostgresError(
+                f"candidate {candidate_dir} and {target_parent} are on different filesystems; set the block's "
+                "recovery_directory on the primary's filesystem so promotion is a rename"
+            )
+        if os.path.exists(primary_dir) and os.path.ismount(primary_dir):
+            raise PostgresError(f"{primary_dir} is a mount point and cannot be moved aside; promotion needs its parent")
+
+    def _archive_new_timeline(self, data_directory: str) -> None:
+        """Archive the new timeline's history file and the WAL written before archiving was on again.
+
+        The candidate ran with archive_mode=off while it was verified, so nothing of its timeline
+        reached the repository; without the history file a later point-in-time restore would follow
+        the old, corrupted timeline.
+        """
+        current = str(self.query_one("SELECT pg_walfile_name(pg_current_wal_lsn())"))
+        timeline = current[:8]
+        wal_dir = os.path.join(data_directory, "pg_wal")
+        for name in sorted(os.listdir(wal_dir)):
+            if name == f"{timeline}.history" or (len(name) == 24 and name.startswith(timeline) and name < current):
+                self.pgbackrest.archive_push(os.path.join(wal_dir, name))
+        self.archive_wal()
 
     def _set_auto_conf(self, data_directory: str, settings: dict[str, str]) -> None:
         """Replace ``settings`` in postgresql.auto.conf of a stopped instance."""

@@ -14,13 +14,14 @@ Runbook (continuity plans: "Database Corruption", "Database Failure Response", "
 from __future__ import annotations
 
 import hashlib
+import re
 from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger, runtime
 from prefect.states import Cancelled, Completed, Failed, State
 
 from blocks import PostgresCluster, RecoveryObjectives, VerificationQuery
-from blocks.errors import InvalidInput
+from blocks.errors import InvalidInput, RecoveryError
 from tasks.approval import ApprovalPolicy, auto_approval, check_approval_settings, request_approval
 from tasks.estate import load_block
 from tasks.evidence import RecoveryReport, publish_evidence, utcnow
@@ -49,8 +50,12 @@ SCENARIO = "db-corruption"
 
 def incident_key(cluster_block: str, recovery_target: str, incident_detected_at: datetime) -> str:
     """A stable id for one incident, so a re-run of the same recovery finds its earlier work."""
-    digest = hashlib.sha256(f"{cluster_block}|{recovery_target}|{incident_detected_at.isoformat()}".encode()).hexdigest()
-    return f"{cluster_block}-{incident_detected_at.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}-{digest[:6]}"
+    detected = incident_detected_at.astimezone(timezone.utc)
+    target = parse_recovery_target(recovery_target)
+    target_text = target.astimezone(timezone.utc).isoformat() if isinstance(target, datetime) else target
+    digest = hashlib.sha256(f"{cluster_block}|{target_text}|{detected.isoformat()}".encode()).hexdigest()
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", cluster_block).strip("-.")[:80] or "cluster"
+    return f"{name}-{detected:%Y%m%dT%H%M%SZ}-{digest[:6]}"
 
 
 def _preview(report: RecoveryReport, cluster: PostgresCluster) -> str:
@@ -146,6 +151,12 @@ def db_corruption(
             objective = objectives.for_function(business_function)
             report.rto_objective_seconds, report.rpo_objective_seconds = objective.rto_seconds, objective.rpo_seconds
             cluster = load_block(PostgresCluster, cluster_block)
+            if approval_policy == "auto" and cluster.environment == "production":
+                raise InvalidInput(
+                    f"approval policy 'auto' is refused for {cluster_block!r}: its environment is production"
+                )
+            if incident_id:
+                cluster.candidate_directory(incident_id)  # refuses an id that is not a plain name
             report.incident_id = incident_id or incident_key(cluster_block, recovery_target, incident_detected_at)
             step.detail = f"target {recovery_target}; incident {report.incident_id}"
 
@@ -176,20 +187,22 @@ def _recover(
     dry_run: bool,
     take_backup_after: bool,
 ) -> State:
-    promoted = cluster.promoted_incident()
-    already = bool(promoted and promoted.get("incident_id") == report.incident_id)
-    if already:
+    progress = cluster.promotion_progress(report.incident_id)
+    if progress == "promoted":
         with report.step("Resume: promotion already done") as step:
-            step.detail = f"endpoint already serves the restore of {report.incident_id} (promoted {promoted.get('promoted_at')})"
-            report.promotion = {
-                "endpoint": cluster.primary.address, "data_directory": cluster.primary.data_directory,
-                "old_primary_aside": promoted.get("old_primary_aside"), "already_promoted": True,
-                "promoted_at": promoted.get("promoted_at"),
-            }
-            report.candidate = {"data_directory": cluster.primary.data_directory, "port": cluster.primary.port,
-                                "backup_set": promoted.get("backup_set")}
-            report.last_restored_commit = cluster.last_replayed_commit(cluster.primary.port)
-            report.rpo_seconds = _loss_seconds(report)
+            marker = cluster.promoted_incident() or {}
+            step.detail = f"endpoint already serves the restore of {report.incident_id} (promoted {marker.get('promoted_at')})"
+            _record_resumed(report, cluster, marker, already=True)
+    elif progress == "interrupted":
+        with report.step("Resume: finish the interrupted promotion") as step:
+            candidate = cluster.candidate_for(report.incident_id)
+            if candidate is None:
+                raise RecoveryError(f"promotion of {report.incident_id} was interrupted and its candidate is gone; "
+                                    f"inspect {cluster.primary.data_directory} and its .replaced-* sibling by hand")
+            promotion = promote_restored_instance(cluster, candidate)
+            step.detail = (f"approved in an earlier run of this incident; {promotion.endpoint} now served from "
+                           f"{promotion.data_directory}; old primary at {promotion.old_primary_aside}")
+            _record_resumed(report, cluster, cluster.promoted_incident() or {}, already=False)
     else:
         with report.step("Preflight: recoverable window") as step:
             if not cluster.is_reachable():
@@ -209,7 +222,8 @@ def _recover(
 
         candidate_dir = cluster.candidate_directory(report.incident_id)
         plan = [
-            f"fence writes on {cluster.primary.address}: default_transaction_read_only=on, end client sessions",
+            f"fence writes on {cluster.primary.address}: connection limit 0 on every database, "
+            "default_transaction_read_only=on, end client sessions",
             f"restore the newest backup before the target plus WAL to {report.recovery_target} into {candidate_dir}",
             f"verify the restored instance: pg_amcheck, row counts of {tables or 'no tables'}, {len(queries)} sentinel queries",
             "ask " + (", ".join(approvers) if approval_policy == "required" else "nobody (auto, drill)") + " to approve",
@@ -223,13 +237,13 @@ def _recover(
             report.summary = "Dry run: the plan was recorded and nothing was changed."
             return Completed(name="DryRun", message=report.summary)
 
+        with report.step("Fence writes") as step:
+            step.detail = f"{fence_writes(cluster)} client sessions ended; no new connections; primary read-only"
+
         with report.step("Assess damage on the primary") as step:
             damage = assess_corruption(cluster)
             report.add_checks("primary", [damage])
             step.detail = damage.detail
-
-        with report.step("Fence writes") as step:
-            step.detail = f"{fence_writes(cluster)} client sessions ended; primary read-only"
 
         with report.step("Restore beside the primary") as step:
             candidate = restore_to_point_in_time(cluster, report.incident_id, target)
@@ -299,8 +313,11 @@ def _recover(
     report.service_restored_at = utcnow()
     report.rto_seconds = (report.service_restored_at - report.incident_detected_at).total_seconds()
     if take_backup_after:
-        with report.step("Full backup of the recovered primary") as step:
-            step.detail = f"backup set {take_full_backup(cluster).label}"
+        try:
+            with report.step("Full backup of the recovered primary") as step:
+                step.detail = f"backup set {take_full_backup(cluster).label}"
+        except RecoveryError as exc:  # service is restored; the missing backup is an action item
+            report.action_items.append(f"take a full backup of {report.target}: the one after recovery failed ({exc})")
     for check in report.checks:
         if check.name == "replicas streaming" and not check.passed:
             report.action_items.append(f"rebuild replicas of {report.target} from the recovered primary")
@@ -310,7 +327,16 @@ def _recover(
     return Completed(name="Recovered", message=report.summary)
 
 
-def _loss_seconds(report: RecoveryReport) -> float | None:
-    if report.last_restored_commit is None:
-        return None
-    return max(0.0, (report.incident_detected_at - report.last_restored_commit).total_seconds())
+def _record_resumed(report: RecoveryReport, cluster: PostgresCluster, marker: dict, already: bool) -> None:
+    """Evidence of a promotion done (or finished) by resuming an earlier run of the same incident."""
+    report.promotion = {
+        "endpoint": cluster.primary.address, "data_directory": cluster.primary.data_directory,
+        "old_primary_aside": marker.get("old_primary_aside"), "already_promoted": already,
+        "promoted_at": marker.get("promoted_at"),
+    }
+    report.candidate = {"data_directory": cluster.primary.data_directory, "port": cluster.primary.port,
+                        "backup_set": marker.get("backup_set")}
+    last = marker.get("last_restored_commit")
+    report.last_restored_commit = datetime.fromisoformat(last) if last else None
+    if report.last_restored_commit is not None:
+        report.rpo_seconds = max(0.0, (report.incident_detected_at - report.last_restored_commit).total_seconds())

@@ -142,6 +142,7 @@ def save_blocks(lay: pgcluster.ClusterLayout) -> None:
         pgbackrest_stanza=pgcluster.STANZA,
         pgbackrest_config=str(lay.pgbackrest_conf),
         recovery_directory=str(lay.recovery_dir),
+        environment="sandbox",
     ).save(CLUSTER_BLOCK, overwrite=True)
     RecoveryObjectives().save(OBJECTIVES_BLOCK, overwrite=True)
 

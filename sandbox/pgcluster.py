@@ -217,6 +217,7 @@ def build(layout: ClusterLayout, with_replica: bool = True) -> None:
         _own(layout.primary_dir / "pg_hba.conf")
     start(layout.primary_dir)
     if fresh:
+        psql(layout, layout.primary_port, "CREATE EXTENSION IF NOT EXISTS amcheck")  # integrity checks on the primary
         pgbackrest(layout, "stanza-create")
         pgbackrest(layout, "check")
         pgbackrest(layout, "--type=full", "backup", timeout=600)

@@ -16,7 +16,7 @@ from prefect.input.actions import read_flow_run_input
 from prefect.input.run_input import keyset_from_base_key
 from prefect.states import Running
 from prefect.utilities.asyncutils import run_coro_as_sync
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from blocks.errors import InvalidInput
 from tasks.evidence import ApprovalRecord, utcnow
@@ -32,15 +32,9 @@ class ApprovalDecision(RunInput):
     """The approver's answer. Every field is required: an empty resume is not an approval."""
 
     approve: bool = Field(description="Tick to approve the irreversible step; leave unticked to reject it.")
-    approver: str = Field(description="Your name, exactly as it appears in the allowed approvers list.")
-    comment: str = Field(description="Why: what you checked, or why you reject.")
-
-    @field_validator("approver", "comment")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be blank")
-        return value.strip()
+    approver: str = Field(description="Your name, exactly as it appears in the allowed approvers list.",
+                          min_length=1, pattern=r"\S")
+    comment: str = Field(description="Why: what you checked, or why you reject.", min_length=1, pattern=r"\S")
 
 
 def check_approval_settings(policy: str, allowed_approvers: list[str], timeout_seconds: int, drill: bool) -> None:
@@ -83,16 +77,17 @@ def request_approval(
         decision = _wait_for_answer(form, f"approval-{attempt}", remaining, min(poll_interval_seconds, max(remaining / 2, 1)))
         if decision is None:
             return None, answers
+        approver, comment = decision.approver.strip(), decision.comment.strip()
         record = ApprovalRecord(
-            approver=decision.approver, approved=decision.approve, comment=decision.comment,
-            at=utcnow(), policy="required", accepted=decision.approver in allowed,
+            approver=approver or "(blank)", approved=decision.approve, comment=comment or "(blank)",
+            at=utcnow(), policy="required", accepted=approver in allowed and bool(comment),
         )
         answers.append(record)
         if record.accepted:
             logger.info("%s %s: %s", record.approver, "approved" if record.approved else "rejected", record.comment)
             return record, answers
         logger.warning(
-            "Refused an answer from %r: not among the allowed approvers %s; waiting again",
+            "Refused an answer from %r: not among the allowed approvers %s, or without a comment; waiting again",
             record.approver, sorted(allowed),
         )
 

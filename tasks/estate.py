@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 from prefect.blocks.core import Block
+from pydantic import ValidationError
 
 from blocks.errors import InvalidInput
 
@@ -17,6 +18,8 @@ def load_block(cls: type[B], name: str, default: B | None = None) -> B:
         raise InvalidInput(f"{cls.__name__} block name is empty")
     try:
         return cls.load(name)
+    except ValidationError as exc:
+        raise InvalidInput(f"{cls.__name__} block {name!r} is invalid: {exc}") from exc
     except ValueError as exc:
         if default is not None:
             return default

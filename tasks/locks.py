@@ -48,7 +48,7 @@ def lock_holder(target: str) -> dict | None:
     return holder
 
 
-def release_lock(target: str) -> None:
+def release_lock(target: str, keep_holder: bool = False) -> None:
     """Free ``target``'s lock whoever holds it (for an operator who has confirmed the holder is dead)."""
     name = lock_name(target)
     with get_client(sync_client=True) as client:
@@ -56,12 +56,15 @@ def release_lock(target: str) -> None:
             client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
         except ObjectNotFound:
             pass  # never locked
-    Variable.unset(_holder_variable(name))
+    if not keep_holder:
+        Variable.unset(_holder_variable(name))
 
 
 def _acquire(name: str, wait_seconds: float) -> ExitStack:
     held = ExitStack()
-    held.enter_context(concurrency(name, occupy=1, strict=True, timeout_seconds=wait_seconds, lease_duration=60))
+    # A failed lease renewal must not interrupt a recovery halfway through a promotion.
+    held.enter_context(concurrency(name, occupy=1, strict=True, timeout_seconds=wait_seconds, lease_duration=60,
+                                   raise_on_lease_renewal_failure=False))
     return held
 
 
@@ -71,9 +74,12 @@ def recovery_lock(target: str, wait_seconds: float, flow_run_id: UUID | None = N
     name = lock_name(target)
     with get_client(sync_client=True) as client:
         try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-        except ObjectAlreadyExists:
-            pass  # created by an earlier recovery of the same target
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:
+                pass  # another recovery of the same target created it a moment ago
     try:
         held = _acquire(name, wait_seconds)
     except TimeoutError as exc:
@@ -85,8 +91,14 @@ def recovery_lock(target: str, wait_seconds: float, flow_run_id: UUID | None = N
                 f"another recovery of {target!r} is running: {who} holds lock {name}; waited {wait_seconds:.0f} s. "
                 f"If that run is dead, mark it Crashed or Cancelled, or release the lock with `dr unlock {target}`"
             ) from exc
+        # Claim before releasing, and go on only if the claim stuck: of two runs reclaiming
+        # the same stale lock, the one whose claim is overwritten backs off.
+        claim = {"flow_run_id": str(flow_run_id), "since": datetime.now(timezone.utc).isoformat(), "reclaiming": True}
+        Variable.set(_holder_variable(name), claim, overwrite=True)
+        if Variable.get(_holder_variable(name), default=None) != claim:
+            raise RecoveryInProgress(f"another run is reclaiming the stale lock {name} of {target!r}") from exc
         get_run_logger().warning("Reclaiming lock %s left by flow run %s (%s)", name, holder["flow_run_id"], holder["state"])
-        release_lock(target)
+        release_lock(target, keep_holder=True)
         held = _acquire(name, wait_seconds)
     with held:
         if flow_run_id:

@@ -81,7 +81,7 @@ def find_restore_point(cluster: PostgresCluster, name: str) -> bool:
 @task(name="assess-corruption", **policy(timeout_seconds=1800, retries=0))
 def assess_corruption(cluster: PostgresCluster) -> CheckResult:
     """Run pg_amcheck on the primary to record the extent of the damage (evidence, not a gate)."""
-    result = cluster.amcheck()
+    result = cluster.amcheck(install_missing=False)
     return CheckResult("pg_amcheck of the damaged primary", result.passed, result.detail, critical=False)
 
 

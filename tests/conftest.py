@@ -62,6 +62,7 @@ def cluster(pg, prefect_api):
         socket_directory=str(pg.socket_dir),
         pgbackrest_config=str(pg.pgbackrest_conf),
         recovery_directory=str(pg.recovery_dir),
+        environment="sandbox",
     )
     name = f"test-{uuid.uuid4().hex[:8]}"
     block.save(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -175,8 +176,12 @@ def test_report_is_rebuilt_from_the_api_alone(cluster, prefect_api):
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
     by_type = {a.type: a for a in artifacts}
     assert {"markdown", "table"} <= set(by_type)
-    steps = [row["step"] for row in by_type["table"].data] if isinstance(by_type["table"].data, list) else None
-    assert steps is None or "Promote the restored instance" in steps
+    table = by_type["table"].data
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert [row["step"] for row in rows][-3:] == ["Promote the restored instance", "Post-checks at the endpoint",
+                                                   "Full backup of the recovered primary"][: len(rows[-3:])] or \
+        "Promote the restored instance" in [row["step"] for row in rows]
+    assert {"step", "start", "end", "outcome"} <= set(rows[0])
     out = dr(prefect_api, "report", str(run_id), "--format", "md")
     assert out.returncode == 0, out.stderr
     assert out.stdout == by_type["markdown"].data
@@ -197,3 +202,92 @@ def test_a_quiet_database_with_no_commit_after_the_target_recovers(cluster):
     state = run(name, recovery_target=target.isoformat())
     assert state.name == "Recovered", state.message
     assert ledger(pg) == (10, 0)
+
+
+def test_a_second_recovery_follows_the_timeline_of_the_first(cluster):
+    """After a recovery, the archive holds the new timeline: a later PITR lands on it, not on the old branch."""
+    name, block, pg = cluster
+    target = seed_before_after(pg)
+    assert run(name, recovery_target=target.isoformat()).name == "Recovered"
+    time.sleep(1.1)
+    sql(pg, "INSERT INTO ledger SELECT g, 'second' FROM generate_series(1001, 1040) g")
+    time.sleep(0.5)
+    second_target = datetime.now(timezone.utc)
+    time.sleep(0.5)
+    sql(pg, "DELETE FROM ledger")
+    state = run(name, recovery_target=second_target.isoformat())
+    assert state.name == "Recovered", state.message
+    assert ledger(pg) == (300, 0)
+    assert int(sql(pg, "SELECT count(*) FROM ledger WHERE note = 'second'")) == 40
+
+
+@pytest.mark.parametrize("interrupted_after", ["journal", "old-primary-moved-aside", "candidate-moved-in"])
+def test_a_promotion_interrupted_at_any_step_is_finished_by_a_rerun(cluster, interrupted_after):
+    name, block, pg = cluster
+    target = seed_before_after(pg)
+    detected = datetime.now(timezone.utc)
+    params = dict(recovery_target=target.isoformat(), incident_detected_at=detected)
+    # A first run that was approved and then lost its worker at the given step of the promotion.
+    dry = run(name, dry_run=True, **params)
+    incident = load_report(dry.state_details.flow_run_id).incident_id
+    block.archive_wal()
+    block.fence()
+    candidate = block.restore_beside(incident, target)
+    marker = block.read_marker(candidate.data_directory)
+    primary, aside = str(pg.primary_dir), f"{pg.primary_dir}.replaced-{incident}"
+    block._write_marker(candidate.data_directory, {**marker, "state": "promoting", "old_primary_aside": aside})
+    if interrupted_after in ("old-primary-moved-aside", "candidate-moved-in"):
+        block.stop_instance(candidate.data_directory)
+        block.stop_instance(primary)
+        os.rename(primary, aside)
+    if interrupted_after == "candidate-moved-in":
+        os.rename(candidate.data_directory, primary)
+
+    state = run(name, **params)
+    assert state.name == "Recovered", state.message
+    report = load_report(state.state_details.flow_run_id)
+    assert any(s.step == "Resume: finish the interrupted promotion" for s in report.steps)
+    assert not any(s.step == "Restore beside the primary" for s in report.steps)
+    assert ledger(pg) == (300, 0)
+    assert os.path.isdir(aside) and block.promoted_incident()["incident_id"] == incident
+    assert report.rpo_seconds is not None
+
+
+def test_fencing_keeps_application_roles_out_until_unfenced(cluster):
+    import psycopg
+
+    name, block, pg = cluster
+    sql(pg, "CREATE ROLE app LOGIN PASSWORD 'app-pass'")
+    sql(pg, "ALTER DATABASE postgres CONNECTION LIMIT 40")
+    dsn = f"host=127.0.0.1 port={pg.primary_port} dbname=postgres user=app password=app-pass connect_timeout=5"
+    session = psycopg.connect(dsn)
+    assert block.fence() >= 1
+    with pytest.raises(psycopg.OperationalError):
+        session.execute("SELECT 1")  # its session was ended
+    with pytest.raises(psycopg.OperationalError, match="too many connections"):
+        psycopg.connect(dsn)  # and it cannot come back
+    assert block.fence() == 0  # idempotent
+    block.unfence()
+    with psycopg.connect(dsn) as again:
+        assert again.execute("SELECT 1").fetchone() == (1,)
+    assert sql(pg, "SELECT datconnlimit FROM pg_database WHERE datname = 'postgres'") == "40"
+
+
+def test_an_incident_id_that_is_not_a_plain_name_is_refused(cluster):
+    name, block, pg = cluster
+    target = seed_before_after(pg)
+    for bad in ("../../etc", "/var/lib/postgresql/data", "a b"):
+        state = run(name, recovery_target=target.isoformat(), incident_id=bad)
+        assert state.is_failed()
+        assert repr(bad) in load_report(state.state_details.flow_run_id).summary
+    assert not block.is_fenced()
+
+
+def test_auto_approval_is_refused_for_a_production_cluster(cluster):
+    name, block, pg = cluster
+    target = seed_before_after(pg)
+    block.environment = "production"
+    block.save(name, overwrite=True)
+    state = run(name, recovery_target=target.isoformat())
+    assert state.is_failed() and "production" in load_report(state.state_details.flow_run_id).summary
+    assert not block.is_fenced()
