@@ -45,3 +45,15 @@ until [ "$(q "$PORT" "SELECT pg_is_in_recovery()" 2>/dev/null)" = f ]; do sleep 
 # post-checks
 q "$PORT" "SHOW default_transaction_read_only" >/dev/null
 q "$PORT" "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'" >/dev/null
+# archive the new timeline: its history file and the WAL written while archiving was off
+CUR=$(q "$PORT" "SELECT pg_walfile_name(pg_current_wal_lsn())")
+TLI=${CUR:0:8}
+for f in "$DATA"/pg_wal/"$TLI"*; do
+  n=$(basename "$f")
+  if [ "$n" = "$TLI.history" ] || { [ ${#n} -eq 24 ] && [[ "$n" < "$CUR" ]]; }; then
+    as_pg pgbackrest --config="$CONF" --stanza=main archive-push "$f"
+  fi
+done
+q "$PORT" "SELECT pg_current_xact_id()" >/dev/null
+SEG=$(q "$PORT" "SELECT pg_walfile_name(pg_switch_wal())")
+until [ "$(q "$PORT" "SELECT coalesce(last_archived_wal, '') >= '$SEG' FROM pg_stat_archiver")" = t ]; do sleep 0.2; done
