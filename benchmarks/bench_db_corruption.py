@@ -27,7 +27,7 @@ from sandbox import pgcluster  # noqa: E402
 from sandbox.paths import free_port  # noqa: E402
 
 SCALE = int(os.environ.get("BENCH_SCALE", "70"))
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 TABLES = ["pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history"]
 
 

@@ -14,7 +14,7 @@ from blocks._process import chown_to, run_as
 from blocks.errors import BackupError, CommandFailed, InvalidInput
 
 _SEGMENT = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$")
-_RESTORE_POINT = re.compile(r"desc: RESTORE_POINT (.+)$")
+_RESTORE_POINT = re.compile(r"lsn: ([0-9A-F]+/[0-9A-F]+),.*desc: RESTORE_POINT (.+)$")
 _BACKUP_SET = re.compile(r"restore backup set (\S+)")
 
 
@@ -28,6 +28,13 @@ class BackupSet:
     stopped_at: datetime
     error: bool
     size_bytes: int
+    lsn_stop: str = "0/0"
+
+
+def lsn_value(lsn: str) -> int:
+    """An LSN such as ``0/5037608`` as a number, for ordering."""
+    high, _, low = lsn.partition("/")
+    return (int(high, 16) << 32) + int(low or "0", 16)
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,7 @@ class PgBackRest:
                     stopped_at=datetime.fromtimestamp(item["timestamp"]["stop"], timezone.utc),
                     error=bool(item.get("error", False)),
                     size_bytes=int(item.get("info", {}).get("size", 0)),
+                    lsn_stop=item.get("lsn", {}).get("stop", "0/0"),
                 )
             )
         return out
@@ -116,6 +124,7 @@ class PgBackRest:
         target: str,
         port: int,
         tablespace_dir: str | None = None,
+        backup_set: str | None = None,
     ) -> str:
         """Restore into ``data_directory`` (never the live one) up to ``target``; return the backup set used."""
         args = [
@@ -128,6 +137,8 @@ class PgBackRest:
         ]
         if tablespace_dir:
             args.append(f"--tablespace-map-all={tablespace_dir}")
+        if backup_set:
+            args.append(f"--set={backup_set}")
         # Never reuse files in place: the target is always a new directory.
         args += ["--no-delta", "--no-link-all"]
         proc = self._run("restore", *args, "--log-level-console=info")
@@ -138,12 +149,12 @@ class PgBackRest:
         """Push one WAL segment or history file into the repository."""
         self._run("archive-push", params=(wal_path,), timeout=300)
 
-    def restore_points(self, pg_waldump: str, max_segments: int = 512) -> list[str]:
-        """Names of restore points found in the archived WAL (scans at most ``max_segments``)."""
+    def restore_points(self, pg_waldump: str, max_segments: int = 512) -> dict[str, str]:
+        """Restore points found in the archived WAL, name -> LSN of the newest one (scans at most ``max_segments``)."""
         span = self.archive_range()
         if span is None:
-            return []
-        names: list[str] = []
+            return {}
+        names: dict[str, str] = {}
         workdir = tempfile.mkdtemp(prefix="dr-wal-")
         try:
             chown_to(workdir, self.os_user)
@@ -158,7 +169,7 @@ class PgBackRest:
                 for line in dump.stdout.splitlines():
                     found = _RESTORE_POINT.search(line)
                     if found:
-                        names.append(found.group(1).strip())
+                        names[found.group(2).strip()] = found.group(1)
                 os.unlink(dest)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -25,7 +25,7 @@ from blocks.errors import (
     PostgresError,
     PostgresUnavailable,
 )
-from blocks.pgbackrest import BackupSet, PgBackRest, format_target_time
+from blocks.pgbackrest import BackupSet, PgBackRest, format_target_time, lsn_value
 
 MARKER = "dr_recovery.json"
 INCIDENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -339,9 +339,19 @@ class PostgresCluster(Block):
         """Record a named restore point in the WAL; returns its LSN."""
         return str(self.query_one("SELECT pg_create_restore_point(%s)::text", (name,)))
 
-    def restore_points(self) -> list[str]:
-        """Restore point names present in the archived WAL."""
+    def restore_points(self) -> dict[str, str]:
+        """Restore points present in the archived WAL: name -> LSN."""
         return self.pgbackrest.restore_points(self._bin("pg_waldump"))
+
+    def backup_before_restore_point(self, name: str) -> str:
+        """The newest usable backup that ended before restore point ``name`` (pgBackRest would take the newest)."""
+        lsn = self.restore_points().get(name)
+        if lsn is None:
+            raise InvalidInput(f"restore point {name!r} is not in the archived WAL of stanza {self.pgbackrest_stanza!r}")
+        usable = [b for b in self.backups() if not b.error and lsn_value(b.lsn_stop) <= lsn_value(lsn)]
+        if not usable:
+            raise InvalidInput(f"restore point {name!r} (LSN {lsn}) is older than the end of every backup")
+        return usable[-1].label
 
     # ------------------------------------------------------------------ restore beside
 
@@ -390,9 +400,12 @@ class PostgresCluster(Block):
         os.makedirs(data_dir, mode=0o700)
         chown_to(data_dir, self.os_user)
         port = port or free_local_port()
+        chosen = self.backup_before_restore_point(target) if target_type == "name" else None
         backup_set = self.pgbackrest.restore(
-            data_dir, target_type=target_type, target=target, port=port, tablespace_dir=f"{data_dir}-tablespaces"
+            data_dir, target_type=target_type, target=target, port=port, tablespace_dir=f"{data_dir}-tablespaces",
+            backup_set=chosen,
         )
+        backup_set = chosen or backup_set
         marker = {"incident_id": incident_id, "target_type": target_type, "target": target, "port": port,
                   "backup_set": backup_set, "state": "restoring"}
         self._write_marker(data_dir, marker)

@@ -74,8 +74,11 @@ def list_backups(cluster: PostgresCluster, archived_through: datetime | None = N
 
 @task(name="find-restore-point", **policy(timeout_seconds=600))
 def find_restore_point(cluster: PostgresCluster, name: str) -> bool:
-    """True when a restore point called ``name`` is in the archived WAL."""
-    return name in cluster.restore_points()
+    """True when a restore point called ``name`` is in the archived WAL and a backup ended before it."""
+    if name not in cluster.restore_points():
+        return False
+    cluster.backup_before_restore_point(name)  # refuses a point older than every backup
+    return True
 
 
 @task(name="assess-corruption", **policy(timeout_seconds=1800, retries=0))

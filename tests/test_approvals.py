@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import pytest
@@ -35,36 +37,56 @@ def ledger(layout) -> tuple[int, int]:
             int(sql(layout, "SELECT count(*) FROM ledger WHERE note = 'after'")))
 
 
-def test_approval_from_another_process_promotes(cluster, prefect_api):
+@dataclass
+class PausedRecovery:
+    """A recovery running in another process, paused for approval."""
+
+    name: str
+    block: object
+    pg: object
+    run_name: str
+    proc: subprocess.Popen
+    run: object
+
+    def finish(self):
+        run = wait_for_run(self.run_name, finished)
+        self.proc.wait(timeout=60)
+        return run
+
+
+@pytest.fixture
+def paused_recovery(cluster, prefect_api) -> PausedRecovery:
     name, block, pg = cluster
     target = seed_before_after(pg)
-    run_name = f"approve-{uuid.uuid4().hex[:6]}"
+    run_name = f"approval-{uuid.uuid4().hex[:8]}"
     proc = start_flow(prefect_api, run_name, params_for(name, target))
-    run = wait_for_run(run_name, paused)
-    assert block.is_fenced()  # writes stopped while waiting
-    assert ledger(pg) == (300, 50)  # nothing promoted before the answer
+    recovery = PausedRecovery(name, block, pg, run_name, proc, wait_for_run(run_name, paused))
+    yield recovery
+    if proc.poll() is None:
+        proc.kill()
 
-    out = dr(prefect_api, "approve", str(run.id), "--approver", "alice", "--comment", "counts match the ledger")
+
+def test_approval_from_another_process_promotes(paused_recovery, prefect_api):
+    rec = paused_recovery
+    assert rec.block.is_fenced()  # writes stopped while waiting
+    assert ledger(rec.pg) == (300, 50)  # nothing promoted before the answer
+
+    out = dr(prefect_api, "approve", str(rec.run.id), "--approver", "alice", "--comment", "counts match the ledger")
     assert out.returncode == 0, out.stderr
-    run = wait_for_run(run_name, finished)
-    proc.wait(timeout=60)
-    assert run.state.name == "Recovered", proc.stdout.read()
-    assert ledger(pg) == (300, 0)
+    run = rec.finish()
+    assert run.state.name == "Recovered", rec.proc.stdout.read()
+    assert ledger(rec.pg) == (300, 0)
     report = load_report(run.id)
     assert [(a.approver, a.approved, a.comment, a.policy) for a in report.approvals] == [
         ("alice", True, "counts match the ledger", "required")
     ]
 
 
-def test_rejection_promotes_nothing_and_keeps_the_candidate(cluster, prefect_api):
-    name, block, pg = cluster
-    target = seed_before_after(pg)
-    run_name = f"reject-{uuid.uuid4().hex[:6]}"
-    proc = start_flow(prefect_api, run_name, params_for(name, target))
-    run = wait_for_run(run_name, paused)
-    resume_flow_run(run.id, run_input={"approve": False, "approver": "bob", "comment": "wrong target"})
-    run = wait_for_run(run_name, finished)
-    proc.wait(timeout=60)
+def test_rejection_promotes_nothing_and_keeps_the_candidate(paused_recovery, prefect_api):
+    rec = paused_recovery
+    name, block, pg = rec.name, rec.block, rec.pg
+    resume_flow_run(rec.run.id, run_input={"approve": False, "approver": "bob", "comment": "wrong target"})
+    run = rec.finish()
     assert run.state.name == "Rejected" and run.state.is_cancelled(), run.state.message
     assert block.promoted_incident() is None
     assert not list(pg.primary_dir.parent.glob("primary.replaced-*"))
@@ -88,12 +110,9 @@ def test_approval_timeout_promotes_nothing(cluster, prefect_api):
     assert load_report(run.id).outcome == "ApprovalTimedOut"
 
 
-def test_an_approver_not_allowed_is_refused_and_the_run_stays_paused(cluster, prefect_api):
-    name, block, pg = cluster
-    target = seed_before_after(pg)
-    run_name = f"refuse-{uuid.uuid4().hex[:6]}"
-    proc = start_flow(prefect_api, run_name, params_for(name, target))
-    run = wait_for_run(run_name, paused)
+def test_an_approver_not_allowed_is_refused_and_the_run_stays_paused(paused_recovery, prefect_api):
+    rec = paused_recovery
+    block, run, run_name = rec.block, rec.run, rec.run_name
 
     out = dr(prefect_api, "approve", str(run.id), "--approver", "mallory", "--comment", "let me in")
     assert out.returncode == 2
@@ -106,19 +125,15 @@ def test_an_approver_not_allowed_is_refused_and_the_run_stays_paused(cluster, pr
     assert block.promoted_incident() is None
 
     resume_flow_run(run.id, run_input={"approve": True, "approver": "bob", "comment": "checked"})
-    run = wait_for_run(run_name, finished)
-    proc.wait(timeout=60)
+    run = rec.finish()
     assert run.state.name == "Recovered"
     approvals = load_report(run.id).approvals
     assert [(a.approver, a.accepted) for a in approvals] == [("mallory", False), ("bob", True)]
 
 
-def test_an_empty_or_partial_answer_is_not_an_approval(cluster, prefect_api):
-    name, block, pg = cluster
-    target = seed_before_after(pg)
-    run_name = f"partial-{uuid.uuid4().hex[:6]}"
-    proc = start_flow(prefect_api, run_name, params_for(name, target))
-    run = wait_for_run(run_name, paused)
+def test_an_empty_or_partial_answer_is_not_an_approval(paused_recovery, prefect_api):
+    rec = paused_recovery
+    block, run, run_name = rec.block, rec.run, rec.run_name
     out = dr(prefect_api, "approve", str(run.id), "--approver", "alice", "--comment", "  ")
     assert out.returncode == 2 and "--comment" in out.stderr
     for partial in ({"approve": True}, {"approve": True, "approver": "alice", "comment": "   "}):
@@ -127,8 +142,7 @@ def test_an_empty_or_partial_answer_is_not_an_approval(cluster, prefect_api):
         assert wait_for_run(run_name, paused).state.is_paused()
     assert block.promoted_incident() is None
     resume_flow_run(run.id, run_input={"approve": False, "approver": "alice", "comment": "cleanup"})
-    run = wait_for_run(run_name, finished)
-    proc.wait(timeout=60)
+    run = rec.finish()
     assert run.state.name == "Rejected"
 
 

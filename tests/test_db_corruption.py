@@ -53,9 +53,11 @@ def test_pitr_to_a_named_restore_point(cluster):
     sql(pg, "INSERT INTO ledger SELECT g, 'before' FROM generate_series(1, 120) g")
     sql(pg, "SELECT pg_create_restore_point('before_incident')")
     sql(pg, "INSERT INTO ledger SELECT g, 'after' FROM generate_series(121, 130) g")
+    newer = block.backup("full")  # a backup after the point: the restore must use the one before it
     state = run(name, recovery_target="before_incident")
     assert state.name == "Recovered", state.message
     assert ledger(pg) == (120, 0)
+    assert load_report(state.state_details.flow_run_id).candidate["backup_set"] != newer.label
 
 
 def test_dry_run_records_the_plan_and_changes_nothing(cluster):
