@@ -49,6 +49,8 @@ def up(deploy: bool = typer.Option(True, help="Also create the work pool, deploy
     typer.echo(f"primary DSN     : {info.primary_dsn}")
     typer.echo(f"replica DSN     : {info.replica_dsn}")
     typer.echo(f"cluster block   : {info.cluster_block} (password in the block and {info.root}/pg/pgpass)")
+    for warning in info.warnings:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
 
 
 @app.command()
@@ -87,9 +89,8 @@ def drill(
         _fail(f"unknown drill {unknown[0]!r}; known: {', '.join(drills.DRILLS)}, all")
     if rows < 1000:
         _fail(f"--rows {rows} is too small for a meaningful drill; use at least 1000")
-    if not estate.is_up():
-        typer.echo("starting the sandbox ...", err=True)
-        estate.up()
+    typer.echo("bringing the sandbox up to date ...", err=True)
+    estate.up()
     results = []
     for name in names:
         typer.echo(f"drill {name} ...", err=True)

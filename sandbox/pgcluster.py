@@ -239,21 +239,31 @@ def replica_streaming(layout: ClusterLayout) -> bool:
 
 
 def ensure_replica(layout: ClusterLayout, timeout: float = 60) -> None:
-    """Start the replica, or clone it afresh when it no longer follows the primary (after a recovery)."""
+    """Start the replica, or clone it afresh when it does not start or no longer follows the primary.
+
+    A sandbox replica holds nothing the primary and the repository lack, so a broken one is
+    replaced rather than kept.
+    """
     if (layout.replica_dir / "PG_VERSION").exists():
-        start(layout.replica_dir)
+        try:
+            start(layout.replica_dir)
+        except SandboxError:
+            pass  # replaced below
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and is_running(layout.replica_dir):
             if replica_streaming(layout):
                 return
             time.sleep(0.5)
         stop(layout.replica_dir, "immediate")
-        aside = layout.replica_dir.with_name(f"replica.diverged-{int(time.time())}")
-        layout.replica_dir.rename(aside)
-        shutil.rmtree(aside)  # a diverged replica holds nothing the primary or the repository lacks
-    _run([str(PG_BIN / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(layout.primary_port), "-U", "postgres",
-          "-D", str(layout.replica_dir), "-R", "-X", "stream", "-c", "fast", "--no-password"],
-         env={"PGPASSFILE": str(layout.pgpass)}, timeout=600)
+    if layout.replica_dir.exists():
+        shutil.rmtree(layout.replica_dir)
+    try:
+        _run([str(PG_BIN / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(layout.primary_port), "-U", "postgres",
+              "-D", str(layout.replica_dir), "-R", "-X", "stream", "-c", "fast", "--no-password"],
+             env={"PGPASSFILE": str(layout.pgpass)}, timeout=600)
+    except SandboxError:
+        shutil.rmtree(layout.replica_dir, ignore_errors=True)
+        raise
     with open(layout.replica_dir / "postgresql.auto.conf", "a") as fh:
         fh.write(f"port = '{layout.replica_port}'\n")
     start(layout.replica_dir)
