@@ -135,7 +135,6 @@ def db_corruption(
         drill=drill, dry_run=dry_run, incident_detected_at=incident_detected_at, started_at=started,
         recovery_target=recovery_target, rto_objective_seconds=0, rpo_objective_seconds=0,
     )
-    final: State | None = None
     try:
         with report.step("Preflight: validate inputs") as step:
             require_aware("incident_detected_at", incident_detected_at)
@@ -162,9 +161,8 @@ def db_corruption(
 
         with recovery_lock(cluster_block, lock_wait_seconds, runtime.flow_run.id) as lock:
             logger.info("Holding %s for incident %s", lock, report.incident_id)
-            final = _recover(cluster, report, target, queries, tables, approval_policy, approvers,
-                             approval_timeout_seconds, approval_poll_seconds, dry_run, take_backup_after)
-        return final
+            return _recover(cluster, report, target, queries, tables, approval_policy, approvers,
+                            approval_timeout_seconds, approval_poll_seconds, dry_run, take_backup_after)
     except BaseException as exc:
         report.outcome = "Refused" if isinstance(exc, InvalidInput) else "Failed"
         report.summary = report.summary or f"The recovery stopped: {exc}"

@@ -192,6 +192,8 @@ def test_report_is_rebuilt_from_the_api_alone(cluster, prefect_api):
     as_json = dr(prefect_api, "report", str(run_id), "--format", "json")
     assert as_json.returncode == 0 and '"outcome": "Recovered"' in as_json.stdout
     assert render_markdown(load_report(run_id)) == out.stdout
+    for evidence in (out.stdout, as_json.stdout, by_type["markdown"].data, str(by_type["table"].data)):
+        assert pg.password not in evidence and "s3cret" not in evidence
 
 
 def test_a_quiet_database_with_no_commit_after_the_target_recovers(cluster):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -51,7 +52,7 @@ def test_up_twice_is_harmless_and_down_leaves_no_process(state_dir):
     assert first.returncode == 0, first.stdout + first.stderr
     assert "Prefect UI      : http://127.0.0.1:" in first.stdout
     assert "primary DSN     : postgresql://postgres@127.0.0.1:" in first.stdout
-    password = __import__("json").loads((root / "sandbox.json").read_text())["password"]
+    password = json.loads((root / "sandbox.json").read_text())["password"]
     assert password not in first.stdout + first.stderr
     server_pid = (root / "run" / "server.pid").read_text()
     worker_pid = (root / "run" / "worker.pid").read_text()
@@ -68,6 +69,17 @@ def test_up_twice_is_harmless_and_down_leaves_no_process(state_dir):
 
     status = subprocess.run([DR, "status"], env=env, capture_output=True, text=True, timeout=120)
     assert status.returncode == 0 and "Prefect UI" in status.stdout
+
+    for _ in range(2):  # the main job, twice in a row
+        drill = subprocess.run([DR, "drill", "db-corruption", "--json", "--rows", "3000"], env=env,
+                               capture_output=True, text=True, timeout=900)
+        assert drill.returncode == 0, drill.stdout[-3000:] + drill.stderr[-3000:]
+        (result,) = json.loads(drill.stdout)
+        assert result["passed"] and result["scenario"] == "db-corruption"
+        assert {c["name"]: c["passed"] for c in result["checks"]}["rows committed after the target are absent"]
+        for key in ("rto_seconds", "rto_objective_seconds", "rpo_seconds", "rpo_objective_seconds", "flow_run_id"):
+            assert result[key] is not None
+        assert Path(result["report"]).read_text().startswith("# Incident Report: db-corruption")
 
     down = subprocess.run([DR, "down"], env=env, capture_output=True, text=True, timeout=300)
     assert down.returncode == 0, down.stderr
