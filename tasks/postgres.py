@@ -85,7 +85,7 @@ def find_restore_point(cluster: PostgresCluster, name: str) -> bool:
 def assess_corruption(cluster: PostgresCluster) -> CheckResult:
     """Run pg_amcheck on the primary to record the extent of the damage (evidence, not a gate)."""
     result = cluster.amcheck(install_missing=False)
-    return CheckResult("pg_amcheck of the damaged primary", result.passed, result.detail, critical=False)
+    return CheckResult("pg_amcheck of the primary before restore", result.passed, result.detail, critical=False)
 
 
 @task(name="fence-writes", **policy(timeout_seconds=60))
