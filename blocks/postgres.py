@@ -472,15 +472,15 @@ class PostgresCluster(Block):
 
     # ------------------------------------------------------------------ verification
 
-    def amcheck(self, port: int | None = None, install_missing: bool = True, timeout: float | None = None) -> CheckResult:
+    def amcheck(self, port: int | None = None, install_missing: bool = True) -> CheckResult:
         """``pg_amcheck --heapallindexed`` over every database of the instance.
 
         With ``install_missing`` the amcheck extension is created where it is absent (a write:
-        use it on a restored candidate, not on a fenced primary). A check that overruns
-        ``timeout`` is reported as failed, never raised.
+        use it on a restored candidate, not on a fenced primary). A check that overruns the
+        statement timeout is reported as failed, never raised.
         """
         inst = self._instance(port)
-        limit = timeout or self.statement_timeout_seconds
+        limit = self.statement_timeout_seconds
         cmd = [self._bin("pg_amcheck"), "--host", inst.host, "--port", str(inst.port), "--username", self.user,
                "--no-password", "--all", "--heapallindexed", "--maintenance-db", self.database]
         if install_missing:

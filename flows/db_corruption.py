@@ -212,10 +212,8 @@ def _recover(
             report.recoverable_window = window.as_dict()
             if isinstance(target, datetime):
                 check_target_in_window(target, window)
-            elif not find_restore_point(cluster, target):
-                raise InvalidInput(
-                    f"restore point {target!r} is not in the archived WAL of stanza {cluster.pgbackrest_stanza!r}"
-                )
+            else:
+                find_restore_point(cluster, target)
             step.detail = f"window {window.earliest.isoformat()} .. {window.latest.isoformat()}"
 
         candidate_dir = cluster.candidate_directory(report.incident_id)

@@ -73,12 +73,9 @@ def list_backups(cluster: PostgresCluster, archived_through: datetime | None = N
 
 
 @task(name="find-restore-point", **policy(timeout_seconds=600))
-def find_restore_point(cluster: PostgresCluster, name: str) -> bool:
-    """True when a restore point called ``name`` is in the archived WAL and a backup ended before it."""
-    if name not in cluster.restore_points():
-        return False
-    cluster.backup_before_restore_point(name)  # refuses a point older than every backup
-    return True
+def find_restore_point(cluster: PostgresCluster, name: str) -> str:
+    """The backup a restore to point ``name`` starts from; refuses a point not archived or older than every backup."""
+    return cluster.backup_before_restore_point(name)
 
 
 @task(name="assess-corruption", **policy(timeout_seconds=1800, retries=0))
