@@ -186,21 +186,20 @@ def _recover(
     take_backup_after: bool,
 ) -> State:
     progress = cluster.promotion_progress(report.incident_id)
-    if progress == "promoted":
-        with report.step("Resume: promotion already done") as step:
-            marker = cluster.promoted_incident() or {}
-            step.detail = f"endpoint already serves the restore of {report.incident_id} (promoted {marker.get('promoted_at')})"
-            _record_resumed(report, cluster, marker, already=True)
-    elif progress == "interrupted":
-        with report.step("Resume: finish the interrupted promotion") as step:
+    if progress is not None:
+        step_name = ("Resume: promotion already done" if progress == "promoted"
+                     else "Resume: finish the interrupted promotion")
+        with report.step(step_name) as step:
             candidate = cluster.candidate_for(report.incident_id)
             if candidate is None:
                 raise RecoveryError(f"promotion of {report.incident_id} was interrupted and its candidate is gone; "
                                     f"inspect {cluster.primary.data_directory} and its .replaced-* sibling by hand")
+            # Idempotent: promotes nothing twice, but makes sure the endpoint runs and its timeline is archived.
             promotion = promote_restored_instance(cluster, candidate)
-            step.detail = (f"approved in an earlier run of this incident; {promotion.endpoint} now served from "
-                           f"{promotion.data_directory}; old primary at {promotion.old_primary_aside}")
-            _record_resumed(report, cluster, cluster.promoted_incident() or {}, already=False)
+            step.detail = (f"approved in an earlier run of this incident; {promotion.endpoint} served from "
+                           f"{promotion.data_directory} since {promotion.promoted_at}; old primary at "
+                           f"{promotion.old_primary_aside}")
+            _record_resumed(report, cluster, cluster.promoted_incident() or {}, promotion.already_promoted)
     else:
         with report.step("Preflight: recoverable window") as step:
             if not cluster.is_reachable():
