@@ -1,7 +1,7 @@
 # Every target installs what it needs first: apt packages (when missing) and the virtual environment.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
-APT_PACKAGES := postgresql postgresql-contrib pgbackrest
+APT_PACKAGES := postgresql postgresql-contrib pgbackrest redis-server
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: drill test bench up down apt venv clean

@@ -18,6 +18,8 @@ from psycopg import sql
 from prefect.blocks.core import Block
 from pydantic import BaseModel, Field, SecretStr
 
+from blocks._pg_replication import ReplicationVerbs
+from blocks._pg_roles import RoleVerbs
 from blocks._process import chown_to, run_as, wait_until
 from blocks.errors import (
     CommandFailed,
@@ -117,7 +119,7 @@ class Promotion:
     promoted_at: str
 
 
-class PostgresCluster(Block):
+class PostgresCluster(ReplicationVerbs, RoleVerbs, Block):
     """A PostgreSQL primary with streaming replicas, backed up by pgBackRest.
 
     The primary is the instance at the address applications use: promotion puts the restored

@@ -4,16 +4,16 @@ policy, and check the result against what was committed before the fault.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from blocks import PostgresCluster, VerificationQuery
 from sandbox import estate, pgcluster
-from tasks.evidence import load_report, render_markdown
+from sandbox.drillkit import DrillResult, save_report
+from sandbox.drillkit import check as _check
+from tasks.evidence import load_report
 
 SEED_SQL = """
 DROP SCHEMA IF EXISTS drill CASCADE;
@@ -33,28 +33,6 @@ CREATE INDEX ON drill.orders (customer_id);
 CREATE INDEX ON drill.payments (order_id);
 ANALYZE;
 """
-
-
-@dataclass
-class DrillResult:
-    scenario: str
-    passed: bool
-    rto_seconds: float | None
-    rto_objective_seconds: int
-    rpo_seconds: float | None
-    rpo_objective_seconds: int
-    flow_run_id: str | None
-    outcome: str
-    report: str
-    ui_url: str
-    checks: list[dict] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def _check(name: str, passed: bool, detail: str) -> dict:
-    return {"name": name, "passed": bool(passed), "detail": detail}
 
 
 def damage_page(lay: pgcluster.ClusterLayout, table: str, block: int = 1) -> str:
@@ -127,11 +105,7 @@ def db_corruption(rows: int = 100_000) -> DrillResult:
     )
     flow_run_id = str(state.state_details.flow_run_id)
     report = load_report(flow_run_id)
-    reports = info.root / "reports"
-    reports.mkdir(parents=True, exist_ok=True)
-    report_path = reports / f"{flow_run_id}.md"
-    report_path.write_text(render_markdown(report))
-    (reports / f"{flow_run_id}.json").write_text(json.dumps(report.model_dump(mode="json"), indent=2))
+    report_path = save_report(info.root, flow_run_id)
 
     checks = [_check("flow outcome", report.outcome == "Recovered", f"{state.name}: {report.summary}")]
     if report.outcome == "Recovered":

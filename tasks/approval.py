@@ -54,11 +54,15 @@ def request_approval(
     allowed_approvers: list[str],
     timeout_seconds: int,
     poll_interval_seconds: float = 5,
+    decision_model: type[ApprovalDecision] = ApprovalDecision,
 ) -> tuple[ApprovalRecord | None, list[ApprovalRecord]]:
     """Pause the flow run until an allowed approver answers or the deadline passes.
 
     An answer from someone not in ``allowed_approvers`` is recorded as refused and the run
     pauses again for the time that is left.
+
+    ``decision_model`` may be a subclass of :class:`ApprovalDecision` with more required fields
+    (e.g. an explicit acceptance of a stated data loss); their values land in ``ApprovalRecord.details``.
 
     Returns:
         The accepted decision (None on timeout) and every answer received, refused ones included.
@@ -68,7 +72,7 @@ def request_approval(
     deadline = time.monotonic() + timeout_seconds
     answers: list[ApprovalRecord] = []
     attempt = 0
-    form = ApprovalDecision.with_initial_data(description=preview_markdown)
+    form = decision_model.with_initial_data(description=preview_markdown)
     while True:
         remaining = int(deadline - time.monotonic())
         if remaining <= 0:
@@ -81,6 +85,7 @@ def request_approval(
         record = ApprovalRecord(
             approver=approver or "(blank)", approved=decision.approve, comment=comment or "(blank)",
             at=utcnow(), policy="required", accepted=approver in allowed and bool(comment),
+            details=decision.model_dump(exclude={"approve", "approver", "comment"}),
         )
         answers.append(record)
         if record.accepted:
@@ -113,7 +118,7 @@ def _wait_for_answer(form: type[ApprovalDecision], key: str, wait_seconds: float
             client.set_flow_run_state(flow_run_id, Running(message="approval deadline passed without an answer"))
     # An answer may have landed between the deadline and leaving the pause.
     late = read_flow_run_input(keyset_from_base_key(f"paused-{key}")["response"], flow_run_id=flow_run_id)
-    return ApprovalDecision.model_validate(late) if late is not None else None
+    return form.model_validate(late) if late is not None else None
 
 
 def auto_approval(reason: str) -> ApprovalRecord:

@@ -44,6 +44,7 @@ class ApprovalRecord(BaseModel):
     at: datetime
     policy: str = Field(description="'required' (a person approved) or 'auto (drill)'.")
     accepted: bool = Field(default=True, description="False when the approver was not allowed and was refused.")
+    details: dict = Field(default_factory=dict, description="Further fields of the decision form, e.g. an accepted data loss.")
 
 
 class CheckRecord(BaseModel):
@@ -83,6 +84,10 @@ class RecoveryReport(BaseModel):
     checks: list[CheckRecord] = Field(default_factory=list)
     steps: list[StepRecord] = Field(default_factory=list)
     plan: list[str] = Field(default_factory=list)
+    facts: dict = Field(
+        default_factory=dict,
+        description="Scenario-specific figures for the Resolution section, e.g. containment time or a manifest hash.",
+    )
     action_items: list[str] = Field(default_factory=list)
 
     @property
@@ -211,6 +216,9 @@ def render_markdown(report: RecoveryReport) -> str:
             f"- **Promotion**: {p.get('endpoint')} served from {p.get('data_directory')}; old primary kept at "
             f"{p.get('old_primary_aside')}" + (" (already promoted earlier; not repeated)" if p.get("already_promoted") else "")
         )
+    for name, value in report.facts.items():
+        shown = ", ".join(str(v) for v in value) if isinstance(value, (list, tuple)) else value
+        lines.append(f"- **{_cell(str(name))}**: {_cell(str(shown))}")
     if report.plan:
         lines += ["", "### Plan" if report.dry_run else "### Changes made"]
         lines += [f"{i}. {_cell(item)}" for i, item in enumerate(report.plan, 1)]

@@ -23,6 +23,9 @@ from sandbox.paths import free_port  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 
+# Fixtures for each system live in tests/fixtures_<system>.py and are loaded for every test module.
+pytest_plugins = sorted(p.stem for p in TESTS.glob("fixtures_*.py"))
+
 
 @pytest.fixture(scope="session")
 def prefect_api() -> str:
