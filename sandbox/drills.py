@@ -141,4 +141,8 @@ def db_corruption(rows: int = 100_000) -> DrillResult:
     )
 
 
+# Every drill `dr drill` knows, in the order `dr drill all` runs them.
 DRILLS = {"db-corruption": db_corruption}
+
+# Called by `dr up` with the sandbox's service endpoints: each saves the blocks its drills and deployments use.
+BLOCK_SAVERS = []

@@ -1,5 +1,6 @@
-"""The embedded sandbox estate: PostgreSQL primary + replica with pgBackRest, a Prefect server with UI,
-the project's blocks registered and saved, deployments and a process worker.
+"""The embedded sandbox estate: PostgreSQL primary + replica with pgBackRest, the other systems of
+:mod:`sandbox.services` (AWS APIs, Redis, Kubernetes API, health endpoints, embedded Qdrant), a
+Prefect server with UI, the project's blocks registered and saved, deployments and a process worker.
 
 Call :func:`sandbox.paths.use_sandbox_api` before importing this module (Prefect reads its
 settings once, at import).
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from sandbox import pgcluster
+from sandbox import pgcluster, services
 from sandbox.paths import (
     REPO_ROOT,
     ensure_state,
@@ -165,12 +166,17 @@ def up(root: Path | None = None, deploy: bool = True) -> SandboxInfo:
     api = prefect_api_url(state)
     _spawn(root, state, "server", [_bin("prefect"), "server", "start", "--host", "127.0.0.1",
                                    "--port", str(state["prefect_port"])])
+    ep = services.start(root)
     _wait_healthy(api)
     _prefect(root, state, "block", "register", "-m", "blocks")
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from sandbox.drills import BLOCK_SAVERS
+
     with temporary_settings(updates={PREFECT_API_URL: api}):
         save_blocks(lay)
+        for save_scenario_blocks in BLOCK_SAVERS:
+            save_scenario_blocks(ep)
     if deploy:
         _prefect(root, state, "work-pool", "create", WORK_POOL, "--type", "process", "--overwrite")
         _prefect(root, state, "--no-prompt", "deploy", "--all")
@@ -190,15 +196,17 @@ def is_up(root: Path | None = None) -> bool:
     root = root or state_dir()
     if not load_state(root):
         return False
-    return (pgcluster.is_running(root / "pg" / "primary") and _alive(root / "run" / "server.pid") is not None)
+    return (pgcluster.is_running(root / "pg" / "primary") and _alive(root / "run" / "server.pid") is not None
+            and all(services.running_pid(root, name) is not None for name in services.SERVICES))
 
 
 def down(root: Path | None = None) -> list[str]:
-    """Stop the worker, the Prefect server and every PostgreSQL instance of the sandbox. Data stays."""
+    """Stop the worker, the Prefect server, the other services and every PostgreSQL instance. Data stays."""
     root = root or state_dir()
     stopped = []
     for name in ("worker", "server"):  # the worker first: without its server it lingers
         if _stop(root, name):
             stopped.append(name)
+    stopped += services.stop(root)
     stopped += pgcluster.stop_all(root)
     return stopped
