@@ -99,8 +99,16 @@ def _pid_file(root: Path, name: str) -> Path:
 def running_pid(root: Path, name: str) -> int | None:
     try:
         pid = int(_pid_file(root, name).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child, exited: reaped now
+            return None
+    except ChildProcessError:  # not our child: started by an earlier `dr up`
+        pass
+    try:
         os.kill(pid, 0)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+    except ProcessLookupError:
         return None
     return pid
 
