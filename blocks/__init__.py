@@ -13,10 +13,26 @@ from blocks.errors import (
     RecoveryError,
     RecoveryInProgress,
 )
+from blocks.aws_security import AwsError, AwsUnavailable, IamPrincipals, QuarantineSecurityGroup, SecretsManagerStore
+from blocks.evidence_vault import EvidenceVault
+from blocks.health import HealthEndpoints, HealthError
+from blocks.kubernetes import KubernetesError, KubernetesTarget, KubernetesUnavailable, RolloutNotReady
 from blocks.objectives import Objective, RecoveryObjectives
 from blocks.postgres import CheckResult, PostgresCluster, PostgresInstance, VerificationQuery
 
 __all__ = [
+    "AwsError",
+    "AwsUnavailable",
+    "EvidenceVault",
+    "HealthEndpoints",
+    "HealthError",
+    "IamPrincipals",
+    "KubernetesError",
+    "KubernetesTarget",
+    "KubernetesUnavailable",
+    "QuarantineSecurityGroup",
+    "RolloutNotReady",
+    "SecretsManagerStore",
     "ApprovalError",
     "BackupError",
     "CheckResult",

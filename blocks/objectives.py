@@ -18,7 +18,8 @@ class Objective(BaseModel):
 
 def _defaults() -> dict[str, Objective]:
     # Business impact analysis tables of the continuity plans: database 15 min / 5 min,
-    # PostgreSQL RPO 5 min, vector DB 1 h, object storage 15 min, cache ephemeral.
+    # PostgreSQL RPO 5 min, vector DB 1 h, object storage 15 min, cache ephemeral; a security breach
+    # is recovered and hardened within 120 min.
     return {
         "database": Objective(rto_seconds=15 * 60, rpo_seconds=5 * 60, priority="P1"),
         "authentication": Objective(rto_seconds=15 * 60, rpo_seconds=5 * 60, priority="P1"),
@@ -27,6 +28,8 @@ def _defaults() -> dict[str, Objective]:
         "vector-db": Objective(rto_seconds=2 * 3600, rpo_seconds=3600, priority="P2"),
         "cache": Objective(rto_seconds=30 * 60, rpo_seconds=0, priority="P3"),
         "configuration": Objective(rto_seconds=2 * 3600, rpo_seconds=3600, priority="P3"),
+        # Security breach: recovery and hardening within 120 min, data back to 1 h before the breach.
+        "security": Objective(rto_seconds=2 * 3600, rpo_seconds=3600, priority="P1"),
     }
 
 

@@ -10,7 +10,7 @@ import time
 from datetime import datetime, timezone
 
 from blocks import PostgresCluster, VerificationQuery
-from sandbox import estate, pgcluster
+from sandbox import drill_apps, drill_security, estate, pgcluster
 from sandbox.drillkit import DrillResult, save_report
 from sandbox.drillkit import check as _check
 from tasks.evidence import load_report
@@ -142,7 +142,11 @@ def db_corruption(rows: int = 100_000) -> DrillResult:
 
 
 # Every drill `dr drill` knows, in the order `dr drill all` runs them.
-DRILLS = {"db-corruption": db_corruption}
+DRILLS = {
+    "db-corruption": db_corruption,
+    "security-breach": drill_security.security_breach,
+    "app-rollback": drill_apps.app_rollback,
+}
 
 # Called by `dr up` with the sandbox's service endpoints: each saves the blocks its drills and deployments use.
-BLOCK_SAVERS = []
+BLOCK_SAVERS = [drill_apps.save_blocks, drill_security.save_blocks]
