@@ -17,7 +17,9 @@ from blocks.aws_security import AwsError, AwsUnavailable, IamPrincipals, Quarant
 from blocks.evidence_vault import EvidenceVault
 from blocks.health import HealthEndpoints, HealthError
 from blocks.kubernetes import KubernetesError, KubernetesTarget, KubernetesUnavailable, RolloutNotReady
+from blocks.object_store import ObjectStore, ObjectStoreError, ObjectStoreUnavailable
 from blocks.objectives import Objective, RecoveryObjectives
+from blocks.redis_cache import RedisCache, RedisError, RedisUnavailable
 from blocks.postgres import CheckResult, PostgresCluster, PostgresInstance, VerificationQuery
 
 __all__ = [
@@ -30,7 +32,13 @@ __all__ = [
     "KubernetesError",
     "KubernetesTarget",
     "KubernetesUnavailable",
+    "ObjectStore",
+    "ObjectStoreError",
+    "ObjectStoreUnavailable",
     "QuarantineSecurityGroup",
+    "RedisCache",
+    "RedisError",
+    "RedisUnavailable",
     "RolloutNotReady",
     "SecretsManagerStore",
     "ApprovalError",

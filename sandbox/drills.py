@@ -10,7 +10,7 @@ import time
 from datetime import datetime, timezone
 
 from blocks import PostgresCluster, VerificationQuery
-from sandbox import drill_apps, drill_security, estate, pgcluster
+from sandbox import drill_apps, drill_security, drill_storage, estate, pgcluster
 from sandbox.drillkit import DrillResult, save_report
 from sandbox.drillkit import check as _check
 from tasks.evidence import load_report
@@ -146,7 +146,9 @@ DRILLS = {
     "db-corruption": db_corruption,
     "security-breach": drill_security.security_breach,
     "app-rollback": drill_apps.app_rollback,
+    "object-storage": drill_storage.object_storage,
+    "cache": drill_storage.cache,
 }
 
 # Called by `dr up` with the sandbox's service endpoints: each saves the blocks its drills and deployments use.
-BLOCK_SAVERS = [drill_apps.save_blocks, drill_security.save_blocks]
+BLOCK_SAVERS = [drill_apps.save_blocks, drill_security.save_blocks, drill_storage.save_blocks]
