@@ -16,6 +16,12 @@ from blocks.errors import BackupError, CommandFailed, InvalidInput
 _SEGMENT = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$")
 _RESTORE_POINT = re.compile(r"lsn: ([0-9A-F]+/[0-9A-F]+),.*desc: RESTORE_POINT (.+)$")
 _BACKUP_SET = re.compile(r"restore backup set (\S+)")
+_VERIFY_PROBLEM = re.compile(r"status: (error|invalid)|checksum invalid|invalid checksum|missing|ERROR|WARN")
+
+
+def parse_verify_output(output: str) -> list[str]:
+    """Problems reported by ``pgbackrest verify`` (it exits 0 even when files are corrupt)."""
+    return [" ".join(line.split()) for line in output.splitlines() if _VERIFY_PROBLEM.search(line)]
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,17 @@ class PgBackRest:
     def check(self) -> None:
         """Confirm archiving and the repository work (pushes a WAL switch)."""
         self._run("check", timeout=120)
+
+    def verify(self, timeout: float | None = None) -> list[str]:
+        """Problems ``pgbackrest verify`` reports in the repository (it exits 0 even on a corrupted file)."""
+        try:
+            proc = self._run("verify", "--log-level-console=info", timeout=timeout, check=False)
+        except BackupError as exc:  # overran its timeout
+            return [f"verify did not finish: {exc}"]
+        problems = parse_verify_output(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            problems.insert(0, f"verify exited {proc.returncode}")
+        return problems
 
     def backup(self, kind: str = "full") -> BackupSet:
         """Take a backup of ``kind`` (full, diff, incr) and return it."""

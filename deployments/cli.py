@@ -2,6 +2,7 @@
 
     dr up | down | status           the embedded sandbox estate
     dr drill [SCENARIO|all] [--json] run drills on the sandbox
+    dr kpis [--since 30d] [--json]  recovery KPIs from the run history
     dr approve FLOW_RUN_ID ...      answer a paused recovery
     dr report FLOW_RUN_ID           rebuild a run's incident report from the Prefect API
     dr unfence CLUSTER              let writes into a fenced primary again
@@ -80,8 +81,13 @@ def drill(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of results."),
     rows: int = typer.Option(100_000, help="Rows to seed for database drills."),
 ) -> None:
-    """Inject a fault into the sandbox, run its recovery with the drill approval policy, and check it."""
+    """Inject a fault into the sandbox, run its recovery with the drill approval policy, and check it.
+
+    Each drill runs as a run of the dr-drill flow, with the recovery as its subflow and a test report artifact.
+    """
+    from flows.dr_drill import dr_drill
     from sandbox import drills, estate
+    from sandbox.drillkit import DrillResult
 
     names = list(drills.DRILLS) if scenario == "all" else [scenario]
     unknown = [n for n in names if n not in drills.DRILLS]
@@ -94,7 +100,16 @@ def drill(
     results = []
     for name in names:
         typer.echo(f"drill {name} ...", err=True)
-        results.append(drills.DRILLS[name](rows=rows))
+        state = dr_drill(scenario=name, rows=rows, return_state=True)
+        data = state.result(raise_on_failure=False)
+        if isinstance(data, list) and data:
+            results.extend(DrillResult(**item) for item in data)
+        else:
+            results.append(DrillResult(scenario=name, passed=False, rto_seconds=None, rto_objective_seconds=0,
+                                       rpo_seconds=None, rpo_objective_seconds=0,
+                                       flow_run_id=str(state.state_details.flow_run_id), outcome=state.name or "Failed",
+                                       report="", ui_url="",
+                                       checks=[{"name": "drill flow", "passed": False, "detail": str(data)}]))
     if as_json:
         typer.echo(json.dumps([r.as_dict() for r in results], indent=2))
     else:
@@ -139,6 +154,32 @@ def approve(
         _fail(f"approver {approver.strip()!r} is not allowed for flow run {run_id}; allowed: {', '.join(allowed) or 'nobody'}")
     resume_flow_run(run_id, run_input={"approve": not reject, "approver": approver.strip(), "comment": comment.strip()})
     typer.echo(f"{'rejected' if reject else 'approved'} flow run {run_id} as {approver.strip()}")
+
+
+@app.command()
+def kpis(
+    since: str = typer.Option("30d", help="Window start: a duration (30d, 12h, 90m, 2w) or an ISO-8601 time."),
+    as_json: bool = typer.Option(False, "--json", help="Print the KPIs as JSON."),
+    publish: bool = typer.Option(True, help="Also save the KPIs as the 'dr-kpis' markdown artifact."),
+) -> None:
+    """RTO/RPO compliance, recovery and backup success rates and MTTR per scenario, from the run history."""
+    from datetime import datetime, timezone
+
+    from blocks.errors import InvalidInput
+    from tasks.kpis import collect_runs, compute_kpis, parse_since, publish_kpis, render_kpis
+
+    try:
+        start = parse_since(since)
+    except InvalidInput as exc:
+        _fail(str(exc))
+    end = datetime.now(timezone.utc)
+    result = compute_kpis(collect_runs(start, end), start, end)
+    if publish:
+        publish_kpis(result)
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), indent=2))
+    else:
+        sys.stdout.write(render_kpis(result))
 
 
 class ReportFormat(str, Enum):

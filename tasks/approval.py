@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 from typing import Literal
 
 import anyio
@@ -20,6 +21,7 @@ from pydantic import Field
 
 from blocks.errors import InvalidInput
 from tasks.evidence import ApprovalRecord, utcnow
+from tasks.notify import deliver, status_update
 
 ApprovalPolicy = Literal["required", "auto"]
 
@@ -55,6 +57,7 @@ def request_approval(
     timeout_seconds: int,
     poll_interval_seconds: float = 5,
     decision_model: type[ApprovalDecision] = ApprovalDecision,
+    notifier: str | None = None,
 ) -> tuple[ApprovalRecord | None, list[ApprovalRecord]]:
     """Pause the flow run until an allowed approver answers or the deadline passes.
 
@@ -63,6 +66,10 @@ def request_approval(
 
     ``decision_model`` may be a subclass of :class:`ApprovalDecision` with more required fields
     (e.g. an explicit acceptance of a stated data loss); their values land in ``ApprovalRecord.details``.
+
+    Every request for an answer is announced through ``notifier`` (a notification block named
+    ``<block-type-slug>/<block-name>``; by default the one the ``dr_notifier`` variable names) with
+    a link to the paused run, the allowed approvers and the deadline.
 
     Returns:
         The accepted decision (None on timeout) and every answer received, refused ones included.
@@ -78,6 +85,7 @@ def request_approval(
         if remaining <= 0:
             return None, answers
         attempt += 1
+        _announce(notifier, preview_markdown, sorted(allowed), remaining, attempt)
         decision = _wait_for_answer(form, f"approval-{attempt}", remaining, min(poll_interval_seconds, max(remaining / 2, 1)))
         if decision is None:
             return None, answers
@@ -95,6 +103,29 @@ def request_approval(
             "Refused an answer from %r: not among the allowed approvers %s, or without a comment; waiting again",
             record.approver, sorted(allowed),
         )
+
+
+def _run_link() -> tuple[str, str]:
+    """Name and UI address of the current flow run."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    run = FlowRunContext.get().flow_run
+    base = PREFECT_UI_URL.value() or (PREFECT_API_URL.value() or "").removesuffix("/api")
+    return run.name, f"{base.rstrip('/')}/runs/flow-run/{run.id}"
+
+
+def _announce(notifier: str | None, preview_markdown: str, allowed: list[str], remaining: int, attempt: int) -> None:
+    """Tell the approvers that a run waits for them (an incident update in the plan's template)."""
+    name, link = _run_link()
+    title = next((line.lstrip("# ").strip() for line in preview_markdown.splitlines() if line.strip()), "approval")
+    deadline = utcnow().timestamp() + remaining
+    message = status_update(
+        status=f"Awaiting approval: {title}",
+        actions_taken=f"flow run {name} paused for a decision" + (" again (an earlier answer was refused)" if attempt > 1 else ""),
+        next_steps=f"one of {', '.join(allowed) or 'the allowed approvers'} approves or rejects with Resume at {link}",
+        eta=f"approval deadline {datetime.fromtimestamp(deadline, timezone.utc):%Y-%m-%d %H:%M:%S} UTC",
+    )
+    deliver(notifier, message, subject=f"Approval needed: {name}")
 
 
 def _wait_for_answer(form: type[ApprovalDecision], key: str, wait_seconds: float, poll_seconds: float):
