@@ -14,17 +14,27 @@ from blocks.errors import (
     RecoveryInProgress,
 )
 from blocks.aws_security import AwsError, AwsUnavailable, IamPrincipals, QuarantineSecurityGroup, SecretsManagerStore
+from blocks.backup_sources import BackupCheck, BackupSources, ObjectPrefixSource, PgBackRestSource
 from blocks.evidence_vault import EvidenceVault
 from blocks.health import HealthEndpoints, HealthError
 from blocks.kubernetes import KubernetesError, KubernetesTarget, KubernetesUnavailable, RolloutNotReady
+from blocks.models import ModelRegistry, ModelRegistryError
 from blocks.object_store import ObjectStore, ObjectStoreError, ObjectStoreUnavailable
 from blocks.objectives import Objective, RecoveryObjectives
+from blocks.qdrant import EmbeddingTable, QdrantCluster, QdrantError
 from blocks.redis_cache import RedisCache, RedisError, RedisUnavailable
 from blocks.postgres import CheckResult, PostgresCluster, PostgresInstance, VerificationQuery
 
 __all__ = [
+    "BackupCheck",
+    "BackupSources",
+    "ModelRegistry",
+    "ModelRegistryError",
+    "ObjectPrefixSource",
+    "PgBackRestSource",
     "AwsError",
     "AwsUnavailable",
+    "EmbeddingTable",
     "EvidenceVault",
     "HealthEndpoints",
     "HealthError",
@@ -36,6 +46,8 @@ __all__ = [
     "ObjectStoreError",
     "ObjectStoreUnavailable",
     "QuarantineSecurityGroup",
+    "QdrantCluster",
+    "QdrantError",
     "RedisCache",
     "RedisError",
     "RedisUnavailable",

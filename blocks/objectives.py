@@ -28,6 +28,8 @@ def _defaults() -> dict[str, Objective]:
         "vector-db": Objective(rto_seconds=2 * 3600, rpo_seconds=3600, priority="P2"),
         "cache": Objective(rto_seconds=30 * 60, rpo_seconds=0, priority="P3"),
         "configuration": Objective(rto_seconds=2 * 3600, rpo_seconds=3600, priority="P3"),
+        # ML models: restored within 4 h from the daily model backups.
+        "ml-models": Objective(rto_seconds=4 * 3600, rpo_seconds=24 * 3600, priority="P1"),
         # Security breach: recovery and hardening within 120 min, data back to 1 h before the breach.
         "security": Objective(rto_seconds=2 * 3600, rpo_seconds=3600, priority="P1"),
     }

@@ -10,7 +10,7 @@ import time
 from datetime import datetime, timezone
 
 from blocks import PostgresCluster, VerificationQuery
-from sandbox import drill_apps, drill_security, drill_storage, estate, pgcluster
+from sandbox import drill_apps, drill_ml, drill_security, drill_storage, estate, pgcluster
 from sandbox.drillkit import DrillResult, save_report
 from sandbox.drillkit import check as _check
 from tasks.evidence import load_report
@@ -141,6 +141,19 @@ def db_corruption(rows: int = 100_000) -> DrillResult:
     )
 
 
+def vector_db(rows: int = 100_000) -> DrillResult:
+    """The vector-DB drill at one point per 50 database rows, 200 to 5,000 points.
+
+    Embedded Qdrant commits every point to disk (about 50 points/s here), so the drill is kept small.
+    """
+    return drill_ml.vector_db(rows=min(max(rows // 50, 200), 5_000))
+
+
+def model_corruption(rows: int = 100_000) -> DrillResult:
+    """The model-corruption drill; its golden-input count does not grow with the database rows."""
+    return drill_ml.model_corruption()
+
+
 # Every drill `dr drill` knows, in the order `dr drill all` runs them.
 DRILLS = {
     "db-corruption": db_corruption,
@@ -148,7 +161,9 @@ DRILLS = {
     "app-rollback": drill_apps.app_rollback,
     "object-storage": drill_storage.object_storage,
     "cache": drill_storage.cache,
+    "model-corruption": model_corruption,
+    "vector-db": vector_db,
 }
 
 # Called by `dr up` with the sandbox's service endpoints: each saves the blocks its drills and deployments use.
-BLOCK_SAVERS = [drill_apps.save_blocks, drill_security.save_blocks, drill_storage.save_blocks]
+BLOCK_SAVERS = [drill_apps.save_blocks, drill_security.save_blocks, drill_storage.save_blocks, drill_ml.save_blocks]
