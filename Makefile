@@ -2,6 +2,8 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 APT_PACKAGES := postgresql postgresql-contrib pgbackrest redis-server
+# The browser test drives Debian's own Chromium (no downloaded browsers).
+TEST_APT_PACKAGES := chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: drill test bench up down apt venv clean
@@ -9,6 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 drill: apt venv
 	$(VENV)/bin/dr drill all
 
+test: APT_PACKAGES += $(TEST_APT_PACKAGES)
 test: apt venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest
