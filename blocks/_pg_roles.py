@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -74,18 +75,38 @@ class RoleVerbs:
         Returns:
             How many sessions were ended.
         """
+        return len(self.contain_role(role, port))
+
+    def contain_role(self, role: str, port: int | None = None) -> list[dict]:
+        """Refuse new logins of ``role`` and end its open sessions, recording each session as it is ended.
+
+        The ``pg_stat_activity`` row of every session (client address and port, application,
+        backend start, state, the statement it ran last) is read in the same statement that
+        terminates it, so what the intruder was doing is kept as evidence. Idempotent.
+
+        Returns:
+            One record per ended session.
+        """
         self._require_role(role, port)
         with self.connect(port) as conn:
             try:
                 conn.execute("SET default_transaction_read_only = off")
                 conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(role)))
-                ended = conn.execute(
-                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
-                    "WHERE usename = %s AND pid <> pg_backend_pid()", (role,)
-                ).fetchone()[0]
+                cur = conn.execute(
+                    "WITH seen AS (SELECT pid, usename, datname, host(client_addr) AS client_addr, client_port, "
+                    "application_name, backend_start, xact_start, query_start, state_change, state, query "
+                    "FROM pg_stat_activity WHERE usename = %s AND pid <> pg_backend_pid()) "
+                    "SELECT seen.*, pg_terminate_backend(pid, 5000) AS terminated FROM seen", (role,)
+                )
+                columns = [c.name for c in cur.description]
+                rows = [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
             except psycopg.Error as exc:
                 raise PostgresError(f"disabling logins of role {role!r} failed: {exc.sqlstate}") from exc
-        return int(ended or 0)
+        for row in rows:
+            for name, value in row.items():
+                if isinstance(value, datetime):
+                    row[name] = value.isoformat()
+        return rows
 
     def enable_login(self, role: str, port: int | None = None) -> None:
         """Allow logins of ``role`` again. Idempotent."""
@@ -102,9 +123,14 @@ class RoleVerbs:
         self._require_role(role, port)
         verifier = scram_verifier(password)
         with self.connect(port) as conn:
+            for setting in ("SET log_statement = 'none'", "SET log_min_error_statement = 'panic'"):
+                try:
+                    conn.execute(setting)
+                except psycopg.errors.InsufficientPrivilege:
+                    # Superuser-only settings: without them the server may log the statement, which holds
+                    # the verifier only, never the password.
+                    pass
             try:
-                conn.execute("SET log_statement = 'none'")
-                conn.execute("SET log_min_error_statement = 'panic'")
                 conn.execute("SET default_transaction_read_only = off")
                 conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(role), sql.Literal(verifier)))
             except psycopg.Error as exc:
@@ -176,6 +202,21 @@ class RoleVerbs:
             shutil.copyfile(source, target)
             copies.append(target)
         return copies
+
+    def password_matches(self, role: str, password: SecretStr, port: int | None = None) -> bool:
+        """True when the role's stored SCRAM-SHA-256 verifier is the one of ``password``.
+
+        The verifier is recomputed with the stored salt and iteration count, so this proves which
+        password the server accepts without logging in (it also works for a NOLOGIN role). Any
+        other password, the one before a rotation included, is then refused.
+        """
+        stored = self.query_one("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (role,), port=port)
+        match = re.fullmatch(r"SCRAM-SHA-256\$(\d+):([^$]+)\$([^:]+):(.+)", str(stored or ""))
+        if not match:
+            return False
+        iterations, salt = int(match.group(1)), base64.b64decode(match.group(2))
+        expected = scram_verifier(password, iterations, salt)
+        return hmac.compare_digest(expected.encode(), str(stored).encode())
 
     def password_verifier_digest(self, role: str, port: int | None = None) -> str | None:
         """A short fingerprint of the role's stored password verifier (never the verifier itself); None without one."""

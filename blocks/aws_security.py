@@ -218,9 +218,9 @@ class SecretsManagerStore(Block):
         """The current value read as a JSON object, each member kept as a ``SecretStr``."""
         try:
             data = json.loads(self.current_value(secret_id).get_secret_value())
-        except json.JSONDecodeError as exc:
+            return {k: SecretStr(str(v)) for k, v in data.items()}
+        except (json.JSONDecodeError, AttributeError) as exc:
             raise AwsError(f"secret {secret_id!r} does not hold a JSON object") from exc
-        return {k: SecretStr(str(v)) for k, v in data.items()}
 
 
 # ---------------------------------------------------------------------------------------------- EC2
@@ -228,16 +228,17 @@ class SecretsManagerStore(Block):
 
 @dataclass(frozen=True)
 class Quarantine:
-    """What quarantining an instance did: its groups before, the quarantine group now."""
+    """What quarantining an instance did: its groups before (per network interface), the quarantine group now."""
 
     instance_id: str
     group_id: str
     previous_groups: list[str]
     already: bool
+    previous_by_interface: dict[str, list[str]] = field(default_factory=dict)
 
 
 class QuarantineSecurityGroup(Block):
-    """An EC2 security group without any rule, attached in place of an instance's own groups.
+    """An EC2 security group without any rule, attached in place of the groups of every network interface of an instance.
 
     Example:
         ```python
@@ -254,7 +255,8 @@ class QuarantineSecurityGroup(Block):
     credentials: AwsCredentials = Field(default_factory=AwsCredentials, description="AWS credentials allowed to manage security groups and instances.")
     group_name: str = Field(default="dr-quarantine", description="Name of the quarantine group (one per VPC).")
     previous_groups_tag: str = Field(default="dr:previous-security-groups",
-                                     description="Instance tag that keeps the groups it had before quarantine.")
+                                     description="Tag, on the instance and on each of its network interfaces, that keeps "
+                                                 "the groups they had before quarantine.")
 
     def _ec2(self):
         return self.credentials.get_client("ec2")
@@ -273,13 +275,18 @@ class QuarantineSecurityGroup(Block):
             raise InvalidInput(f"EC2 instance {instance_id!r} does not exist")
         return instances[0]
 
+    def interface_groups(self, instance_id: str, instance: dict | None = None) -> dict[str, list[str]]:
+        """The security groups of each network interface of the instance (ENI id -> group ids)."""
+        instance = instance or self.describe_instance(instance_id)
+        return {eni["NetworkInterfaceId"]: [g["GroupId"] for g in eni.get("Groups", [])]
+                for eni in instance.get("NetworkInterfaces", []) if eni.get("NetworkInterfaceId")}
+
     def instance_groups(self, instance_id: str) -> list[str]:
-        """The security groups of the instance (of its primary network interface when listed there)."""
+        """Every security group of the instance: of the instance record and of each of its network interfaces."""
         instance = self.describe_instance(instance_id)
         groups = [g["GroupId"] for g in instance.get("SecurityGroups", [])]
-        if not groups:
-            for eni in instance.get("NetworkInterfaces", []):
-                groups += [g["GroupId"] for g in eni.get("Groups", []) if g["GroupId"] not in groups]
+        for eni_groups in self.interface_groups(instance_id, instance).values():
+            groups += [g for g in eni_groups if g not in groups]
         return groups
 
     def group_rules(self, group_id: str) -> tuple[list, list]:
@@ -311,23 +318,62 @@ class QuarantineSecurityGroup(Block):
             raise aws_error(exc, f"preparing quarantine group {self.group_name!r} in {vpc_id}") from exc
         return group_id
 
+    def _saved_groups(self, tags: list[dict] | None) -> list[str]:
+        value = {t["Key"]: t["Value"] for t in tags or []}.get(self.previous_groups_tag, "")
+        return [g for g in value.split(",") if g]
+
     def quarantine(self, instance_id: str) -> Quarantine:
-        """Replace the instance's security groups with the quarantine group; the old ones go into a tag. Idempotent."""
+        """Replace the groups of every network interface of the instance with the quarantine group. Idempotent.
+
+        Each interface's groups go into a tag on that interface (and their union into a tag on the
+        instance) before they are replaced, so the quarantine can be lifted exactly; the tag of an
+        earlier, interrupted run is kept while the quarantine group is already attached.
+        """
         instance = self.describe_instance(instance_id)
         vpc_id = instance.get("VpcId")
         if not vpc_id:
             raise InvalidInput(f"EC2 instance {instance_id!r} is not in a VPC; security groups cannot isolate it")
         group_id = self.ensure_group(vpc_id)
-        current = self.instance_groups(instance_id)
-        tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
-        kept = [g for g in tags.get(self.previous_groups_tag, "").split(",") if g]
-        if current == [group_id]:
-            return Quarantine(instance_id, group_id, kept, already=True)
-        previous = [g for g in current if g != group_id]
+        interfaces = self.interface_groups(instance_id, instance)
+        enis = {eni["NetworkInterfaceId"]: eni for eni in instance.get("NetworkInterfaces", [])
+                if eni.get("NetworkInterfaceId")}
         ec2 = self._ec2()
+        previous_by_interface: dict[str, list[str]] = {}
+        changed = False
         try:
-            ec2.create_tags(Resources=[instance_id], Tags=[{"Key": self.previous_groups_tag, "Value": ",".join(previous)}])
-            ec2.modify_instance_attribute(InstanceId=instance_id, Groups=[group_id])
+            if interfaces:
+                described = ec2.describe_network_interfaces(NetworkInterfaceIds=list(interfaces))["NetworkInterfaces"]
+                tags_of = {d["NetworkInterfaceId"]: d.get("TagSet", []) for d in described}
+                for eni_id, groups in interfaces.items():
+                    saved = self._saved_groups(tags_of.get(eni_id) or enis[eni_id].get("TagSet"))
+                    if groups == [group_id]:
+                        previous_by_interface[eni_id] = saved
+                        continue
+                    # A tag is trusted only while the interface is half-way into quarantine (an earlier run's).
+                    previous = saved if saved and group_id in groups else [g for g in groups if g != group_id]
+                    ec2.create_tags(Resources=[eni_id], Tags=[{"Key": self.previous_groups_tag, "Value": ",".join(previous)}])
+                    ec2.modify_network_interface_attribute(NetworkInterfaceId=eni_id, Groups=[group_id])
+                    previous_by_interface[eni_id] = previous
+                    changed = True
+            union: list[str] = []
+            for groups in previous_by_interface.values():
+                union += [g for g in groups if g not in union]
+            kept = self._saved_groups(instance.get("Tags"))
+            now = self.instance_groups(instance_id)
+            if now != [group_id]:
+                if not kept or group_id not in now:
+                    union += [g for g in now if g != group_id and g not in union]
+                    ec2.create_tags(Resources=[instance_id],
+                                    Tags=[{"Key": self.previous_groups_tag, "Value": ",".join(union)}])
+                try:
+                    # The instance-level groups are its primary interface's; AWS refuses this call for an
+                    # instance with several interfaces, which the per-interface calls above already isolated.
+                    ec2.modify_instance_attribute(InstanceId=instance_id, Groups=[group_id])
+                except ClientError as exc:
+                    if not (_code(exc) == "InvalidInstanceID" and len(interfaces) > 1):
+                        raise
+                changed = True
         except (ClientError, BotoCoreError) as exc:
             raise aws_error(exc, f"quarantining instance {instance_id}") from exc
-        return Quarantine(instance_id, group_id, previous, already=False)
+        return Quarantine(instance_id, group_id, union or kept, already=not changed,
+                          previous_by_interface=previous_by_interface)

@@ -21,6 +21,7 @@ from blocks.postgres import CheckResult
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 MANIFEST = "manifest.json"
 CHUNK = 1024 * 1024
+MAX_PARTS = 10000
 
 
 def sha256_file(path: str) -> str:
@@ -39,6 +40,7 @@ class EvidenceObject:
     version_id: str
     sha256: str
     size: int
+    retain_until: str = ""
 
 
 @dataclass
@@ -86,6 +88,9 @@ class EvidenceVault(Block):
     credentials: AwsCredentials = Field(default_factory=AwsCredentials, description="AWS credentials allowed to write and read the bucket.")
     retention_days: int = Field(default=365, ge=1, description="Default compliance-mode retention of each object, in days.")
     prefix: str = Field(default="evidence", description="Key prefix under which every collection goes.")
+    multipart_threshold_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=5 * 1024 * 1024,
+        description="Files at least this large are uploaded in parts of this size (S3 takes at most 5 GB in one request).")
 
     def _s3(self):
         return self.credentials.get_client("s3")
@@ -127,41 +132,103 @@ class EvidenceVault(Block):
         if config.get("ObjectLockEnabled") != "Enabled":
             raise AwsError(f"bucket {self.bucket} exists without object lock; evidence needs a write-once bucket")
 
-    def _put_once(self, key: str, body: bytes | None, path: str | None, sha256: str, until: datetime) -> EvidenceObject:
-        """Write ``key`` once with a compliance retention; an identical object already there is kept."""
-        s3 = self._s3()
+    def _head(self, key: str, version_id: str | None = None) -> dict | None:
+        extra = {"VersionId": version_id} if version_id else {}
         try:
-            head = s3.head_object(Bucket=self.bucket, Key=key)
+            return self._s3().head_object(Bucket=self.bucket, Key=key, **extra)
         except ClientError as exc:
-            if _status(exc) != 404:
-                raise aws_error(exc, f"reading s3://{self.bucket}/{key}") from exc
-            head = None
+            if _status(exc) == 404 and not version_id:
+                return None
+            raise aws_error(exc, f"reading s3://{self.bucket}/{key}") from exc
+        except BotoCoreError as exc:
+            raise aws_error(exc, f"reading s3://{self.bucket}/{key}") from exc
+
+    def _put_once(self, key: str, body: bytes | None, path: str | None, sha256: str, until: datetime) -> EvidenceObject:
+        """Write ``key`` once with a compliance retention; an identical object already there is kept.
+
+        A kept object carries the retention it was written with, which is what its entry records.
+        """
+        head = self._head(key)
         if head is not None:
             if head.get("Metadata", {}).get("sha256") != sha256:
                 raise AwsError(f"s3://{self.bucket}/{key} already holds different evidence; refusing to write over it")
-            return EvidenceObject(key, head.get("VersionId", ""), sha256, int(head["ContentLength"]))
+            kept_until = head.get("ObjectLockRetainUntilDate")
+            if head.get("ObjectLockMode") != "COMPLIANCE" or kept_until is None:
+                # Written by an attempt that stopped before locking it: lock it now.
+                try:
+                    self._s3().put_object_retention(Bucket=self.bucket, Key=key, VersionId=head.get("VersionId", ""),
+                                                    Retention={"Mode": "COMPLIANCE", "RetainUntilDate": until})
+                except (ClientError, BotoCoreError) as exc:
+                    raise aws_error(exc, f"locking evidence s3://{self.bucket}/{key}") from exc
+                kept_until = until
+            return EvidenceObject(key, head.get("VersionId", ""), sha256, int(head["ContentLength"]),
+                                  kept_until.isoformat() if kept_until else "")
+        lock = {"ObjectLockMode": "COMPLIANCE", "ObjectLockRetainUntilDate": until, "Metadata": {"sha256": sha256}}
+        s3 = self._s3()
         try:
-            if path is not None:
+            if path is not None and os.path.getsize(path) >= self.multipart_threshold_bytes:
+                version_id = self._upload_parts(s3, key, path, lock)
+                size = os.path.getsize(path)
+            elif path is not None:
                 with open(path, "rb") as fh:
-                    put = s3.put_object(Bucket=self.bucket, Key=key, Body=fh, IfNoneMatch="*",
-                                        ObjectLockMode="COMPLIANCE", ObjectLockRetainUntilDate=until,
-                                        Metadata={"sha256": sha256})
+                    version_id = s3.put_object(Bucket=self.bucket, Key=key, Body=fh, IfNoneMatch="*", **lock).get("VersionId", "")
                 size = os.path.getsize(path)
             else:
-                put = s3.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*",
-                                    ObjectLockMode="COMPLIANCE", ObjectLockRetainUntilDate=until,
-                                    Metadata={"sha256": sha256})
+                version_id = s3.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*", **lock).get("VersionId", "")
                 size = len(body or b"")
         except (ClientError, BotoCoreError) as exc:
             raise aws_error(exc, f"writing evidence s3://{self.bucket}/{key}") from exc
-        return EvidenceObject(key, put.get("VersionId", ""), sha256, size)
+        return EvidenceObject(key, version_id, sha256, size, until.isoformat())
+
+    def _upload_parts(self, s3, key: str, path: str, lock: dict) -> str:
+        """A multipart upload of ``path`` with the object lock set at its creation; aborted on failure."""
+        size = os.path.getsize(path)
+        part_size = max(self.multipart_threshold_bytes, -(-size // MAX_PARTS))
+        upload_id = s3.create_multipart_upload(Bucket=self.bucket, Key=key, **lock)["UploadId"]
+        try:
+            parts = []
+            with open(path, "rb") as fh:
+                for number in range(1, MAX_PARTS + 1):
+                    data = fh.read(part_size)
+                    if not data:
+                        break
+                    etag = s3.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                                          Body=data)["ETag"]
+                    parts.append({"PartNumber": number, "ETag": etag})
+            done = s3.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                                MultipartUpload={"Parts": parts}, IfNoneMatch="*")
+        except BaseException:
+            try:
+                s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except (ClientError, BotoCoreError):
+                pass  # an upload left behind is removed by the bucket's lifecycle; the original error matters
+            raise
+        version_id = done.get("VersionId", "")
+        head = self._head(key, version_id) or {}
+        if head.get("ObjectLockMode") != "COMPLIANCE" or head.get("ObjectLockRetainUntilDate") is None:
+            # Some S3 implementations drop the lock given at creation of a multipart upload: set it on the version.
+            s3.put_object_retention(Bucket=self.bucket, Key=key, VersionId=version_id,
+                                    Retention={"Mode": "COMPLIANCE", "RetainUntilDate": lock["ObjectLockRetainUntilDate"]})
+        return version_id
 
     def store(self, collection: str, files: list[str], retention_days: int | None = None,
-              metadata: dict | None = None) -> EvidenceManifest:
+              metadata: dict | None = None, retain_until: datetime | None = None,
+              created_at: datetime | None = None) -> EvidenceManifest:
         """Upload ``files`` under ``<prefix>/<collection>/`` and a manifest of their sha256, all write-once.
 
+        Storing the same collection again (a retry) with the same ``retain_until`` and ``created_at``
+        finds what the earlier attempt wrote and finishes it: the same manifest results.
+
+        Args:
+            collection: folder of this collection under the vault's prefix.
+            files: local files to upload; their base names must be unique.
+            retention_days: compliance retention; the vault's default when empty.
+            metadata: recorded in the manifest.
+            retain_until: the lock date of every object (tz-aware); now plus the retention when empty.
+            created_at: the manifest's creation time (tz-aware); now when empty.
+
         Returns:
-            The manifest: location, each object's version and sha256, and the manifest's own sha256.
+            The manifest: location, each object's version, sha256 and lock date, and the manifest's own sha256.
         """
         days = self.validate_settings(retention_days)
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,300}$", collection) or ".." in collection:
@@ -169,28 +236,46 @@ class EvidenceVault(Block):
         names = [os.path.basename(f) for f in files]
         if len(set(names)) != len(names) or MANIFEST in names:
             raise InvalidInput(f"evidence file names must be unique and not {MANIFEST!r}: {names}")
+        for name, moment in (("retain_until", retain_until), ("created_at", created_at)):
+            if moment is not None and moment.tzinfo is None:
+                raise InvalidInput(f"{name} {moment.isoformat()} has no time zone")
+        now = datetime.now(timezone.utc)
+        until = (retain_until or now + timedelta(days=days)).astimezone(timezone.utc).replace(microsecond=0)
+        if until <= now:
+            raise InvalidInput(f"evidence retain_until {until.isoformat()} is not in the future")
         self.ensure_bucket()
-        until = (datetime.now(timezone.utc) + timedelta(days=days)).replace(microsecond=0)
         base = f"{self.prefix.strip('/')}/{collection.strip('/')}".strip("/")
         objects = [self._put_once(f"{base}/{name}", None, path, sha256_file(path), until)
                    for name, path in zip(names, files, strict=True)]
         document = {
             "collection": collection,
             "bucket": self.bucket,
-            "created_at": datetime.now(timezone.utc).isoformat(),
+            "created_at": (created_at or now).astimezone(timezone.utc).isoformat(),
             "retention": {"mode": "COMPLIANCE", "retain_until": until.isoformat()},
             "objects": [asdict(o) for o in objects],
             "metadata": metadata or {},
         }
-        body = json.dumps(document, indent=2, sort_keys=True).encode()
+        body = json.dumps(document, indent=2, sort_keys=True, default=str).encode()
         digest = hashlib.sha256(body).hexdigest()
         manifest_obj = self._put_once(f"{base}/{MANIFEST}", body, None, digest, until)
         return EvidenceManifest(self.bucket, base, manifest_obj.key, manifest_obj.version_id, manifest_obj.sha256,
-                                until.isoformat(), "COMPLIANCE", objects)
+                                manifest_obj.retain_until or until.isoformat(), "COMPLIANCE", objects)
 
     def read_manifest(self, manifest: EvidenceManifest) -> dict:
         """The stored manifest document (the exact version written)."""
         return json.loads(self._read(manifest.manifest_key, manifest.manifest_version_id))
+
+    def _sha256_of(self, key: str, version_id: str) -> str:
+        """The sha256 of one stored object version, read in chunks (never whole into memory)."""
+        extra = {"VersionId": version_id} if version_id else {}
+        digest = hashlib.sha256()
+        try:
+            body = self._s3().get_object(Bucket=self.bucket, Key=key, **extra)["Body"]
+            for chunk in body.iter_chunks(CHUNK):
+                digest.update(chunk)
+        except (ClientError, BotoCoreError) as exc:
+            raise aws_error(exc, f"reading s3://{self.bucket}/{key}") from exc
+        return digest.hexdigest()
 
     def _read(self, key: str, version_id: str) -> bytes:
         extra = {"VersionId": version_id} if version_id else {}
@@ -200,27 +285,25 @@ class EvidenceVault(Block):
             raise aws_error(exc, f"reading s3://{self.bucket}/{key}") from exc
 
     def verify(self, manifest: EvidenceManifest) -> list[CheckResult]:
-        """Read every object back: its sha256 matches, it is locked in compliance mode until the manifest's date."""
+        """Read every object back: its sha256 matches, it is locked in compliance mode until its recorded date."""
         results = []
-        wanted_until = datetime.fromisoformat(manifest.retain_until)
-        entries = [(o.key, o.version_id, o.sha256) for o in manifest.objects]
-        entries.append((manifest.manifest_key, manifest.manifest_version_id, manifest.manifest_sha256))
-        s3 = self._s3()
-        for key, version_id, expected in entries:
-            actual = hashlib.sha256(self._read(key, version_id)).hexdigest()
-            extra = {"VersionId": version_id} if version_id else {}
-            try:
-                head = s3.head_object(Bucket=self.bucket, Key=key, **extra)
-            except (ClientError, BotoCoreError) as exc:
-                raise aws_error(exc, f"reading s3://{self.bucket}/{key}") from exc
+        now = datetime.now(timezone.utc)
+        entries = [(o.key, o.version_id, o.sha256, o.retain_until or manifest.retain_until) for o in manifest.objects]
+        entries.append((manifest.manifest_key, manifest.manifest_version_id, manifest.manifest_sha256,
+                        manifest.retain_until))
+        for key, version_id, expected, recorded in entries:
+            actual = self._sha256_of(key, version_id)
+            head = self._head(key, version_id) or {}
+            wanted_until = datetime.fromisoformat(recorded)
             mode, until = head.get("ObjectLockMode"), head.get("ObjectLockRetainUntilDate")
-            locked = mode == "COMPLIANCE" and until is not None and until >= wanted_until - timedelta(seconds=1)
+            locked = (mode == "COMPLIANCE" and until is not None and until > now
+                      and until >= wanted_until - timedelta(seconds=1))
             passed = actual == expected and locked
             results.append(CheckResult(
                 f"evidence intact: {key.rsplit('/', 1)[-1]}", passed,
                 f"s3://{self.bucket}/{key} version {version_id}: sha256 {actual[:16]}... "
                 f"{'matches' if actual == expected else 'DIFFERS from ' + expected[:16] + '...'}; "
-                f"lock {mode or 'none'} until {until.isoformat() if until else '-'}",
+                f"lock {mode or 'none'} until {until.isoformat() if until else '-'} (recorded {recorded})",
             ))
         return results
 

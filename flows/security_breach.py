@@ -3,10 +3,15 @@
 Runbook (continuity plans: "Scenario 3: Security Breach", "Disaster Scenarios", "Incident Response
 Procedures", "Legal and Compliance"):
   1. preflight: times tz-aware and not in the future, every indicator names something that
-     exists, a known-good backup before the breach exists; nothing changes before this passes
+     exists and maps to names of its own, none is a credential this response runs with, a
+     known-good backup before the breach exists inside the recoverable window; nothing changes
+     before this passes
   2. immediate containment: deny-all NetworkPolicy over the compromised workloads, quarantine
      security group on the compromised instances, logins of compromised database roles disabled
      and their sessions ended, compromised IAM access keys deactivated
+     (each ended session's pg_stat_activity record is kept as evidence); when the database is to
+     be restored, writes are fenced on the primary right after, so nothing written later is lost
+     unreported
   3. preserve forensic evidence before any change to data: a dump of the database, the server
      logs and the affected Kubernetes objects, uploaded write-once (object lock, compliance mode)
      with a sha256 manifest, read back and verified
@@ -38,26 +43,41 @@ from blocks.evidence_vault import EvidenceVault
 from blocks.kubernetes import KubernetesTarget
 from blocks.postgres import CheckResult
 from tasks.approval import ApprovalPolicy, auto_approval, check_approval_settings, request_approval
-from tasks.aws import check_access_keys_revoked, check_quarantine, deactivate_access_keys, quarantine_instance
+from tasks.aws import (
+    check_access_keys_revoked,
+    check_quarantine,
+    deactivate_access_keys,
+    describe_instance,
+    find_iam_user,
+    list_access_keys,
+    quarantine_instance,
+    read_instance_groups,
+)
 from tasks.credentials import (
     RotatedCredential,
     apply_role_credentials,
     check_access_key_replaced,
+    check_only_stored_key_active,
     check_role_credentials,
     check_secret_rotated,
     disable_role_login,
+    read_password_verifier_digest,
+    read_role_state,
     replace_access_key,
+    role_exists,
     rotate_role_password,
     rotate_secret,
+    secret_exists,
 )
 from tasks.estate import load_block
 from tasks.evidence import RecoveryReport, publish_evidence, utcnow
 from tasks.forensics import (
     KnownGood,
+    check_primary_reachable,
     check_workload_isolated,
+    choose_known_good_restore_point,
     collect_database_evidence,
     evidence_folder,
-    known_good_from,
     store_evidence,
     verify_evidence,
     write_json,
@@ -66,8 +86,10 @@ from tasks.kubernetes import dump_workloads, isolate_workloads
 from tasks.locks import recovery_lock
 from tasks.postgres import (
     archive_current_wal,
+    RecoverableWindow,
     check_endpoint,
     check_target_in_window,
+    fence_writes,
     list_backups,
     measure_data_loss,
     promote_restored_instance,
@@ -153,22 +175,76 @@ class Estate:
         self.vault: EvidenceVault = vault
 
 
+class Preflight:
+    """What the preflight found: compromised and kept keys per user, the restore point and window."""
+
+    def __init__(self, keys: dict[str, list[str]], kept: dict[str, list[str]], known_good: KnownGood | None,
+                 window: RecoverableWindow | None):
+        self.keys, self.kept, self.known_good, self.window = keys, kept, known_good, window
+
+
+def _refuse_collisions(ind: BreachIndicators, names: Names) -> None:
+    """Distinct indicators must map to distinct Secret blocks, NetworkPolicies and evidence files."""
+    for label, items in (("IAM user", ind.iam_users), ("access key", ind.access_key_ids),
+                         ("database role", ind.database_roles), ("workload", ind.workloads),
+                         ("instance", ind.instances), ("secret", [i.secrets_manager_id for i in ind.secrets])):
+        repeated = sorted({i for i in items if items.count(i) > 1})
+        if repeated:
+            raise InvalidInput(f"indicators name the {label} {repeated} more than once")
+    taken: dict[str, str] = {}
+
+    def claim(kind: str, name: str, owner: str) -> None:
+        key = f"{kind}:{name}"
+        if key in taken:
+            raise InvalidInput(f"{owner} and {taken[key]} would both use the {kind} {name!r}; "
+                               "rename one or change the name prefixes")
+        taken[key] = owner
+
+    for user in ind.iam_users:
+        claim("Secret block", names.key_block(user), f"IAM user {user!r}")
+    for role in ind.database_roles:
+        claim("Secret block", names.role_block(role), f"database role {role!r}")
+    for item in ind.secrets:
+        if item.prefect_secret_block:
+            claim("Secret block", item.prefect_secret_block, f"secret {item.secrets_manager_id!r}")
+    for workload in ind.workloads:
+        claim("NetworkPolicy", names.network_policy(workload), f"workload {workload!r}")
+        claim("evidence file", _workload_evidence(workload), f"workload {workload!r}")
+
+
+def _workload_evidence(workload: str) -> str:
+    return f"kubernetes-{_slug(workload)}.json"
+
+
+def _own_access_keys(estate: Estate) -> dict[str, str]:
+    """The access key id each AWS block of this response signs its calls with (block role -> key id)."""
+    own = {}
+    for role, block in (("iam_block", estate.iam), ("secrets_block", estate.store), ("quarantine_block", estate.ec2),
+                        ("evidence_block", estate.vault)):
+        key_id = getattr(getattr(block, "credentials", None), "aws_access_key_id", None)
+        if key_id:
+            own[role] = key_id
+    return own
+
+
 def _preflight(
     estate: Estate, ind: BreachIndicators, names: Names, breach_started_at: datetime, restore_database: bool,
-    evidence_retention_days: int | None, workload_label: str,
-) -> tuple[dict[str, list[str]], KnownGood | None]:
+    evidence_retention_days: int | None, workload_label: str, dry_run: bool,
+) -> Preflight:
     """Check every indicator against the estate, read-only; returns the keys to revoke per user."""
     if ind.is_empty():
         raise InvalidInput("indicators name nothing to contain: give iam_users, database_roles, workloads, instances or secrets")
+    _refuse_collisions(ind, names)
     keys: dict[str, list[str]] = {}
+    kept: dict[str, list[str]] = {}
     if ind.iam_users or ind.access_key_ids:
         if estate.iam is None:
             raise InvalidInput("indicators name IAM users or keys but no iam_block was given")
         owner: dict[str, str] = {}
         for user in ind.iam_users:
-            if not estate.iam.user_exists(user):
+            if not find_iam_user(estate.iam, user):
                 raise InvalidInput(f"compromised principal {user!r} is not an IAM user of this account")
-            for key in estate.iam.access_keys(user):
+            for key in list_access_keys(estate.iam, user):
                 owner[key.access_key_id] = user
         for key_id in ind.access_key_ids:
             if key_id not in owner:
@@ -176,24 +252,30 @@ def _preflight(
         for user in ind.iam_users:
             named = [k for k in ind.access_key_ids if owner[k] == user]
             keys[user] = named or [k for k, u in owner.items() if u == user]
+            kept[user] = [k for k, u in owner.items() if u == user and k not in keys[user]]
+    revoking = {k for ids in keys.values() for k in ids}
+    for block_role, key_id in _own_access_keys(estate).items():
+        if key_id in revoking:
+            raise InvalidInput(f"access key {key_id} is compromised and is the key {block_role} runs with: revoking it "
+                               "would stop this response halfway; give that block other credentials first")
     for role in ind.database_roles:
         if role == estate.cluster.user:
             raise InvalidInput(f"role {role!r} is the cluster's recovery role; rotate it by hand, not in this flow")
-        if not estate.cluster.role_exists(role):
+        if not role_exists(estate.cluster, role):
             raise InvalidInput(f"compromised database role {role!r} does not exist on {estate.cluster.primary.address}")
     if ind.instances:
         if estate.ec2 is None:
             raise InvalidInput("indicators name EC2 instances but no quarantine_block was given")
         for instance in ind.instances:
-            estate.ec2.describe_instance(instance)
+            describe_instance(estate.ec2, instance)
     if ind.workloads and estate.kube is None:
         raise InvalidInput("indicators name Kubernetes workloads but no kubernetes_block was given")
     for workload in ind.workloads:
-        if not estate.kube.dump_objects(["deployments", "statefulsets", "pods"], {workload_label: workload}):
+        if not dump_workloads(estate.kube, ["deployments", "statefulsets", "pods"], {workload_label: workload}):
             raise InvalidInput(f"compromised workload {workload!r}: no deployment, stateful set or pod labelled "
                                f"{workload_label}={workload} in namespace {estate.kube.namespace!r}")
     for item in ind.secrets:
-        if not estate.store.exists(item.secrets_manager_id):
+        if not secret_exists(estate.store, item.secrets_manager_id):
             raise InvalidInput(f"secret {item.secrets_manager_id!r} to rotate does not exist in Secrets Manager")
         if item.prefect_secret_block is not None and not BLOCK_NAME.match(item.prefect_secret_block):
             raise InvalidInput(f"Prefect Secret block name {item.prefect_secret_block!r} is not lowercase letters, digits and dashes")
@@ -201,29 +283,41 @@ def _preflight(
         if not BLOCK_NAME.match(block_name):
             raise InvalidInput(f"Prefect Secret block name {block_name!r} is not valid; change secret_block_prefix")
     estate.vault.validate_settings(evidence_retention_days)
-    known_good = known_good_from(estate.cluster.backups(), breach_started_at) if restore_database else None
-    return keys, known_good
+    known_good, window = None, None
+    if restore_database:
+        known_good = choose_known_good_restore_point(estate.cluster, breach_started_at)
+        # A real run closes and archives the current WAL segment, so "now" is reachable; a dry run
+        # changes nothing and judges the target against that same bound.
+        archived = utcnow() if dry_run else archive_current_wal(estate.cluster)
+        window = list_backups(estate.cluster, archived)
+        check_target_in_window(known_good.target, window)
+    return Preflight(keys, kept, known_good, window)
 
 
 def _plan(estate: Estate, ind: BreachIndicators, names: Names, keys: dict[str, list[str]], known_good: KnownGood | None,
           incident_id: str, selector_label: str, restore_role_logins: bool, approvers: list[str], policy: str) -> list[str]:
     """Every change the response would make, current -> new, read from the estate now."""
     plan = []
+    cluster = estate.cluster
     for workload in ind.workloads:
         plan.append(f"Kubernetes: no NetworkPolicy {names.network_policy(workload)} -> deny-all ingress and egress "
                     f"for pods {selector_label}={workload}")
     for instance in ind.instances:
-        groups = estate.ec2.instance_groups(instance)
-        plan.append(f"EC2 {instance}: security groups {groups} -> [{estate.ec2.group_name}] (no rules); old groups kept "
-                    f"in tag {estate.ec2.previous_groups_tag}")
+        groups = read_instance_groups(estate.ec2, instance)
+        plan.append(f"EC2 {instance}: security groups {groups} -> [{estate.ec2.group_name}] (no rules) on every network "
+                    f"interface; old groups kept in tag {estate.ec2.previous_groups_tag}")
     for role in ind.database_roles:
-        login = "LOGIN" if estate.cluster.role_can_login(role) else "NOLOGIN"
-        plan.append(f"PostgreSQL role {role}: {login} -> NOLOGIN, {estate.cluster.role_sessions(role)} open session(s) ended")
+        can_login, sessions = read_role_state(cluster, role)
+        plan.append(f"PostgreSQL role {role}: {'LOGIN' if can_login else 'NOLOGIN'} -> NOLOGIN, {sessions} open session(s) "
+                    "recorded and ended")
     for user, key_ids in keys.items():
-        for key in estate.iam.access_keys(user):
+        for key in list_access_keys(estate.iam, user):
             if key.access_key_id in key_ids:
                 plan.append(f"IAM {user}: access key {key.access_key_id} {key.status} -> Inactive")
-    plan.append(f"evidence: dump of {estate.cluster.database}, server logs"
+    if known_good:
+        plan.append(f"fence writes on {cluster.primary.address}: connection limit 0 on every database, "
+                    "default_transaction_read_only=on, end client sessions; writes stay refused until promotion")
+    plan.append(f"evidence: dump of {cluster.database}, server logs, ended sessions of the compromised roles"
                 + (f", Kubernetes objects of {ind.workloads}" if ind.workloads else "")
                 + f" -> s3://{estate.vault.bucket}/{estate.vault.prefix}/{incident_id}/ (compliance lock), sha256 manifest")
     for user in keys:
@@ -235,11 +329,11 @@ def _plan(estate: Estate, ind: BreachIndicators, names: Names, keys: dict[str, l
         plan.append(f"secret {item.secrets_manager_id}: current value -> new random value"
                     + (f", mirrored in Secret block {item.prefect_secret_block}" if item.prefect_secret_block else ""))
     if known_good:
-        plan.append(f"restore {known_good.describe()} into {estate.cluster.candidate_directory(incident_id)}, "
+        plan.append(f"restore {known_good.describe()} into {cluster.candidate_directory(incident_id)}, "
                     "with the rotated role passwords")
         plan.append("ask " + (", ".join(approvers) if policy == "required" else "nobody (auto, drill)") + " to approve")
-        plan.append(f"promote: {estate.cluster.primary.address} served by the restored instance; "
-                    f"{estate.cluster.primary.data_directory} kept at {estate.cluster.primary.data_directory}.replaced-{incident_id}")
+        plan.append(f"promote: {cluster.primary.address} served by the restored instance; "
+                    f"{cluster.primary.data_directory} kept at {cluster.primary.data_directory}.replaced-{incident_id}")
     if ind.database_roles:
         plan.append(f"roles {ind.database_roles}: " + ("LOGIN again with the new password only" if restore_role_logins
                                                         else "stay NOLOGIN"))
@@ -351,22 +445,26 @@ def security_breach(
             if incident_id:
                 cluster.candidate_directory(incident_id)  # refuses an id that is not a plain name
             report.incident_id = incident_id or incident_key(cluster_block, breach_started_at)
-            if not cluster.is_reachable():
+            if not check_primary_reachable(cluster):
                 raise InvalidInput(f"cluster {cluster_block!r}: primary {cluster.primary.address} is unreachable")
-            keys, known_good = _preflight(estate, indicators, names, breach_started_at, restore_database,
-                                          evidence_retention_days, workload_label)
+            found = _preflight(estate, indicators, names, breach_started_at, restore_database,
+                               evidence_retention_days, workload_label, dry_run)
+            if found.window is not None:
+                report.recoverable_window = found.window.as_dict()
+                report.recovery_target = found.known_good.target.isoformat()
+                report.facts["Known-good restore point"] = found.known_good.describe()
             report.facts["Breach start"] = breach_started_at.astimezone(timezone.utc).isoformat()
             step.detail = f"incident {report.incident_id}; breach started {breach_started_at.isoformat()}"
 
         with recovery_lock(cluster_block, lock_wait_seconds, runtime.flow_run.id) as lock:
             logger.info("Holding %s for incident %s", lock, report.incident_id)
-            report.plan = _plan(estate, indicators, names, keys, known_good, report.incident_id, workload_label,
-                                restore_role_logins, approvers, approval_policy)
+            report.plan = _plan(estate, indicators, names, found.keys, found.known_good, report.incident_id,
+                                workload_label, restore_role_logins, approvers, approval_policy)
             if dry_run:
                 report.outcome = "DryRun"
                 report.summary = "Dry run: the plan was recorded and nothing was changed."
                 return Completed(name="DryRun", message=report.summary)
-            return _respond(estate, report, indicators, names, keys, known_good, breach_started_at,
+            return _respond(estate, report, indicators, names, found, breach_started_at,
                             restore_role_logins, evidence_retention_days, workload_label,
                             kubernetes_kinds or ["deployments", "replicasets", "pods", "services", "networkpolicies"],
                             list(verification_queries or []), list(row_count_tables or []),
@@ -381,13 +479,14 @@ def security_breach(
 
 
 def _respond(
-    estate: Estate, report: RecoveryReport, ind: BreachIndicators, names: Names, keys: dict[str, list[str]],
-    known_good: KnownGood | None, breach_started_at: datetime, restore_role_logins: bool,
+    estate: Estate, report: RecoveryReport, ind: BreachIndicators, names: Names, found: Preflight,
+    breach_started_at: datetime, restore_role_logins: bool,
     evidence_retention_days: int | None, workload_label: str, kinds: list[str], queries: list[VerificationQuery],
     tables: list[str], approval_policy: str, approvers: list[str], approval_timeout_seconds: int,
     approval_poll_seconds: float,
 ) -> State:
     cluster = estate.cluster
+    keys, known_good = found.keys, found.known_good
     selectors = {w: {workload_label: w} for w in ind.workloads}
     quarantines = []
     report.action_items.append(
@@ -396,44 +495,63 @@ def _respond(
         "(72 hours after detection) and the affected customers, per the data breach notification procedure"
     )
 
+    contained_verifiers: dict[str, str | None] = {}
     with report.step("Contain: isolate workloads, instances and roles; revoke keys") as step:
         for workload, selector in selectors.items():
             isolate_workloads(estate.kube, names.network_policy(workload), selector)
         for instance in ind.instances:
             quarantines.append(quarantine_instance(estate.ec2, instance))
-        ended = sum(disable_role_login(cluster, role) for role in ind.database_roles)
+        sessions: dict[str, list[dict]] = {}
+        for role in ind.database_roles:
+            contained_verifiers[role] = read_password_verifier_digest(cluster, role)
+            sessions[role] = disable_role_login(cluster, role)
         revoked = {user: deactivate_access_keys(estate.iam, user, key_ids) for user, key_ids in keys.items()}
         isolated_at = utcnow()
         containment = (isolated_at - report.incident_detected_at).total_seconds()
         report.facts["Containment time (detected -> isolated)"] = f"{containment:.1f} s"
         report.facts["Isolated at"] = isolated_at.isoformat()
+        ended = sum(len(v) for v in sessions.values())
         step.detail = (f"{len(ind.workloads)} workload(s), {len(ind.instances)} instance(s), {len(ind.database_roles)} "
-                       f"role(s) ({ended} sessions ended), {sum(len(v) for v in revoked.values())} key(s) revoked; "
-                       f"contained {containment:.1f} s after detection")
+                       f"role(s) ({ended} sessions recorded and ended), {sum(len(v) for v in revoked.values())} key(s) "
+                       f"revoked; contained {containment:.1f} s after detection")
     for q in quarantines:
         report.action_items.append(f"lift the quarantine of {q.instance_id} once it is rebuilt from a trusted image "
                                    f"(previous security groups: {', '.join(q.previous_groups) or 'none'})")
 
+    fenced_at = None
+    # A re-run after this incident's promotion must not fence the restored primary that now serves the endpoint.
+    if known_good is not None and cluster.promotion_progress(report.incident_id) is None:
+        with report.step("Fence writes on the primary") as step:
+            ended_clients = fence_writes(cluster)
+            fenced_at = utcnow()
+            report.facts["Writes fenced at"] = fenced_at.isoformat()
+            step.detail = (f"{ended_clients} client sessions ended; no new connections; primary read-only until the "
+                           "restored instance replaces it")
+
     with report.step("Preserve evidence (write-once, sha256 manifest)") as step:
         folder = evidence_folder(report.incident_id)
+        created_at = utcnow()
+        retain_until = created_at + timedelta(days=estate.vault.validate_settings(evidence_retention_days))
         try:
             files = collect_database_evidence(cluster, folder, breach_started_at)
             for workload, selector in selectors.items():
-                files.append(write_json(folder, f"kubernetes-{_slug(workload)}.json",
-                                        dump_workloads(estate.kube, kinds, selector)))
+                files.append(write_json(folder, _workload_evidence(workload), dump_workloads(estate.kube, kinds, selector)))
             files.append(write_json(folder, "containment.json", {
                 "incident_id": report.incident_id, "breach_started_at": breach_started_at.isoformat(),
-                "isolated_at": report.facts["Isolated at"],
+                "isolated_at": report.facts["Isolated at"], "writes_fenced_at": report.facts.get("Writes fenced at"),
                 "access_keys": {u: [{"access_key_id": k.access_key_id, "status": k.status}
-                                    for k in estate.iam.access_keys(u)] for u in keys},
+                                    for k in list_access_keys(estate.iam, u)] for u in keys},
                 "revoked_keys": revoked, "database_roles": ind.database_roles,
+                "database_sessions_ended": sessions,
                 "instances": [{"instance_id": q.instance_id, "quarantine_group": q.group_id,
-                               "previous_groups": q.previous_groups} for q in quarantines],
+                               "previous_groups": q.previous_groups,
+                               "previous_groups_by_interface": q.previous_by_interface} for q in quarantines],
                 "network_policies": [names.network_policy(w) for w in ind.workloads],
             }))
-            collection = f"{report.incident_id}/{report.flow_run_id or utcnow().strftime('%Y%m%dT%H%M%SZ')}"
+            collection = f"{report.incident_id}/{report.flow_run_id or created_at.strftime('%Y%m%dT%H%M%SZ')}"
             manifest = store_evidence(estate.vault, collection, files, evidence_retention_days,
-                                      {"incident_id": report.incident_id, "flow_run_id": report.flow_run_id})
+                                      {"incident_id": report.incident_id, "flow_run_id": report.flow_run_id},
+                                      retain_until, created_at)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         report.facts["Evidence location"] = manifest.location
@@ -447,13 +565,11 @@ def _respond(
                        f"{len(evidence_failed)} failed read-back checks")
 
     rotated: list[RotatedCredential] = []
-    old_digests: dict[str, str | None] = {}
     with report.step("Rotate credentials") as step:
         for user in keys:
             rotated.append(replace_access_key(estate.iam, estate.store, user, revoked[user], names.key_secret(user),
-                                              names.key_block(user), report.incident_id))
+                                              names.key_block(user), report.incident_id, found.kept.get(user, [])))
         for role in ind.database_roles:
-            old_digests[role] = cluster.password_verifier_digest(role)
             rotated.append(rotate_role_password(cluster, estate.store, role, names.role_secret(role),
                                                 names.role_block(role), report.incident_id))
         for item in ind.secrets:
@@ -467,10 +583,13 @@ def _respond(
         report.summary = ("The breach is contained and credentials are rotated, but the evidence could not be verified "
                           "in the vault; the database was not restored so nothing is lost before it is.")
         report.action_items.append(f"inspect the evidence at {report.facts['Evidence location']} and re-run this incident")
+        if fenced_at is not None:
+            report.summary += f" Writes on {cluster.primary.address} stay fenced."
+            report.action_items.append(_unfence_item(report))
         return Failed(name="EvidenceNotPreserved", message=report.summary)
 
     if known_good is not None:
-        state = _restore(estate, report, ind, names, known_good, queries, tables, approval_policy, approvers,
+        state = _restore(estate, report, ind, names, known_good, fenced_at, queries, tables, approval_policy, approvers,
                          approval_timeout_seconds, approval_poll_seconds)
         if state is not None:
             return state
@@ -487,11 +606,14 @@ def _respond(
         for user, key_ids in revoked.items():
             checks.append(check_access_keys_revoked(estate.iam, user, key_ids))
             checks.append(check_access_key_replaced(estate.iam, estate.store, user, names.key_secret(user)))
+            checks.append(check_only_stored_key_active(estate.iam, estate.store, user, names.key_secret(user),
+                                                       found.kept.get(user, [])))
         for role in ind.database_roles:
-            checks += check_role_credentials(cluster, estate.store, role, names.role_secret(role), old_digests[role],
-                                             restore_role_logins)
+            checks += check_role_credentials(cluster, estate.store, role, names.role_secret(role),
+                                             contained_verifiers[role], restore_role_logins)
         for item, cred in zip(ind.secrets, [r for r in rotated if r.kind == "secret"], strict=True):
-            checks.append(check_secret_rotated(estate.store, item.secrets_manager_id, item.prefect_secret_block, cred.version))
+            checks.append(check_secret_rotated(estate.store, item.secrets_manager_id, item.prefect_secret_block,
+                                               cred.version, report.incident_id))
         for q in quarantines:
             checks += check_quarantine(estate.ec2, q.instance_id, q.group_id)
         for workload, selector in selectors.items():
@@ -519,22 +641,18 @@ def _respond(
     return Completed(name=report.outcome, message=report.summary)
 
 
+def _unfence_item(report: RecoveryReport) -> str:
+    return (f"the primary of {report.target} stays fenced (read-only, no new connections): unfence it with "
+            f"`dr unfence {report.target}` only once it is known to be clean, or restore again")
+
+
 def _restore(
     estate: Estate, report: RecoveryReport, ind: BreachIndicators, names: Names, known_good: KnownGood,
-    queries: list[VerificationQuery], tables: list[str], approval_policy: str, approvers: list[str],
-    approval_timeout_seconds: int, approval_poll_seconds: float,
+    fenced_at: datetime | None, queries: list[VerificationQuery], tables: list[str], approval_policy: str,
+    approvers: list[str], approval_timeout_seconds: int, approval_poll_seconds: float,
 ) -> State | None:
     """Restore beside, verify, approve, promote; a final state when the restore stops, None when promoted."""
     cluster = estate.cluster
-    with report.step("Known-good restore point before the breach") as step:
-        archived = archive_current_wal(cluster)
-        window = list_backups(cluster, archived)
-        report.recoverable_window = window.as_dict()
-        check_target_in_window(known_good.target, window)
-        report.recovery_target = known_good.target.isoformat()
-        report.facts["Known-good restore point"] = known_good.describe()
-        step.detail = known_good.describe()
-
     progress = cluster.promotion_progress(report.incident_id)
     if progress is not None:
         with report.step("Resume: promotion of this incident") as step:
@@ -547,6 +665,7 @@ def _restore(
         report.promotion = {"endpoint": promotion.endpoint, "data_directory": promotion.data_directory,
                             "old_primary_aside": promotion.old_primary_aside, "already_promoted": True,
                             "promoted_at": promotion.promoted_at}
+        _replica_follow_ups(report, cluster)
         return None
 
     with report.step("Restore beside the primary") as step:
@@ -556,11 +675,13 @@ def _restore(
         # The restored roles still carry the passwords from before the breach: replace them before anyone can connect.
         for role in ind.database_roles:
             apply_role_credentials(cluster, estate.store, role, names.role_secret(role), False, candidate.port)
-        step.detail = f"{candidate.data_directory} on port {candidate.port} from backup {candidate.backup_set}"
+        step.detail = (f"{candidate.data_directory} on port {candidate.port} from backup {candidate.backup_set}, "
+                       f"{known_good.describe()}")
 
     with report.step("Verify the restored instance") as step:
         checks = verify_restored_instance(cluster, candidate.port, tables, queries)
-        loss = measure_data_loss(cluster, candidate.port, report.incident_detected_at)
+        # Every commit the old primary took until writes were fenced is discarded by the restore.
+        loss = measure_data_loss(cluster, candidate.port, fenced_at)
         last = loss.last_restored_commit
         checks.append(CheckResult("restored data predates the breach", last is None or last < known_good.breach_start,
                                   f"last restored commit {last.isoformat() if last else 'none'}; breach started "
@@ -569,7 +690,9 @@ def _restore(
         # Without a replayed commit the restore ends at the target: everything after it is discarded.
         report.last_restored_commit = last
         report.rpo_seconds = loss.seconds if loss.seconds is not None else max(
-            0.0, (report.incident_detected_at - known_good.target).total_seconds())
+            0.0, (fenced_at - known_good.target).total_seconds())
+        report.facts["Data-loss window"] = (f"{(last or known_good.target).isoformat()} .. {fenced_at.isoformat()} "
+                                            "(writes fenced): every commit in it is discarded")
         failed = report.failed_critical("restored")
         step.outcome = "ok" if not failed else "failed"
         step.detail = f"{len(checks)} checks, {len(failed)} critical failures; data loss {report.rpo_seconds} s"
@@ -577,7 +700,9 @@ def _restore(
         stop_restored_instance(cluster, candidate)
         report.outcome = "VerificationFailed"
         report.summary = (f"The breach is contained and credentials rotated, but the restored instance failed verification "
-                          f"and was not promoted; it is kept at {candidate.data_directory}.")
+                          f"and was not promoted; it is kept at {candidate.data_directory}. The primary stays fenced.")
+        report.action_items += [f"inspect {candidate.data_directory}", "choose another known-good restore point",
+                                _unfence_item(report)]
         return Failed(name="VerificationFailed", message=report.summary)
 
     with report.step("Approval") as step:
@@ -598,7 +723,8 @@ def _restore(
         report.outcome = name
         report.summary = (f"The breach is contained, evidence preserved and credentials rotated; the restore was "
                           f"{'not approved in time' if decision is None else 'rejected'} and nothing was promoted. "
-                          f"The candidate is kept at {candidate.data_directory}.")
+                          f"The candidate is kept at {candidate.data_directory}. The primary stays fenced.")
+        report.action_items += [f"inspect or discard the candidate at {candidate.data_directory}", _unfence_item(report)]
         return Failed(name=name, message=report.summary) if decision is None else Cancelled(name=name, message=report.summary)
 
     with report.step("Promote the restored instance") as step:
@@ -610,10 +736,23 @@ def _restore(
 
     with report.step("Post-checks at the endpoint") as step:
         report.add_checks("endpoint", check_endpoint(cluster, queries))
+        _replica_follow_ups(report, cluster)
         failed = report.failed_critical("endpoint")
         step.outcome = "ok" if not failed else "failed"
         step.detail = f"{len(failed)} critical failures"
     return None
+
+
+def _replica_follow_ups(report: RecoveryReport, cluster: PostgresCluster) -> None:
+    """Streaming replicas of the old primary still hold (and may serve) the breached data: they must be re-cloned."""
+    stale = [f"{r.address} ({r.data_directory or 'remote'})" for r in cluster.replicas]
+    report.add_checks("endpoint", [CheckResult(
+        "no replica serves data from before the restore", not stale,
+        ("replicas of the replaced primary, to re-clone from the restored one: " + ", ".join(stale)) if stale
+        else "the cluster has no streaming replica", critical=False)])
+    for replica in stale:
+        report.action_items.append(f"take replica {replica} out of service and re-clone it from the restored primary "
+                                   f"{cluster.primary.address}: it still holds the breached data")
 
 
 def _preview(report: RecoveryReport, cluster: PostgresCluster, candidate_dir: str) -> str:

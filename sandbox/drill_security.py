@@ -81,6 +81,8 @@ def _plant_instance(ec2) -> tuple[str, str]:
              for i in r["Instances"]]
     if found:
         instance = found[0]["InstanceId"]
+        for eni in found[0].get("NetworkInterfaces", []):
+            ec2.modify_network_interface_attribute(NetworkInterfaceId=eni["NetworkInterfaceId"], Groups=[group])
         ec2.modify_instance_attribute(InstanceId=instance, Groups=[group])
     else:
         instance = ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1, SecurityGroupIds=[group],

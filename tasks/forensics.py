@@ -63,6 +63,12 @@ def choose_known_good_restore_point(cluster: PostgresCluster, breach_start: date
     return known_good_from(cluster.backups(), breach_start)
 
 
+@task(name="check-primary-reachable", **policy(timeout_seconds=60))
+def check_primary_reachable(cluster: PostgresCluster) -> bool:
+    """True when the cluster's primary accepts a connection."""
+    return cluster.is_reachable()
+
+
 def evidence_folder(incident_id: str) -> str:
     """A private local folder for one collection of evidence."""
     folder = tempfile.mkdtemp(prefix=f"dr-evidence-{incident_id[:40]}-")
@@ -95,9 +101,13 @@ def collect_database_evidence(cluster: PostgresCluster, folder: str, since: date
 
 @task(name="store-evidence", **policy(timeout_seconds=3600))
 def store_evidence(vault: EvidenceVault, collection: str, files: list[str], retention_days: int | None,
-                   metadata: dict) -> EvidenceManifest:
-    """Upload the files and their sha256 manifest write-once (compliance-mode object lock)."""
-    manifest = vault.store(collection, files, retention_days, metadata)
+                   metadata: dict, retain_until: datetime, created_at: datetime) -> EvidenceManifest:
+    """Upload the files and their sha256 manifest write-once (compliance-mode object lock).
+
+    ``retain_until`` and ``created_at`` are fixed once per collection, so a retry finishes the
+    same manifest instead of writing a different one.
+    """
+    manifest = vault.store(collection, files, retention_days, metadata, retain_until, created_at)
     get_run_logger().info("Evidence stored at %s: %d objects, manifest sha256 %s, locked until %s",
                           manifest.location, len(manifest.objects), manifest.manifest_sha256, manifest.retain_until)
     return manifest

@@ -5,6 +5,7 @@ instance and application secret planted in it.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -124,6 +125,7 @@ def plant_breach(cluster_fixture, aws, kube) -> BreachedEstate:
                                  SecurityGroupIds=[app_group])["Instances"][0]["InstanceId"]
     secret_id, old_secret = f"app/{uid}/api-token", f"tok-{uuid.uuid4().hex}"
     aws.get_client("secretsmanager").create_secret(Name=secret_id, SecretString=old_secret)
+    session.execute(f"SELECT 'exfiltrate-{uid}' AS marker")  # what the intruder's session ran last
     secret_block = f"api-token-{uid}"
     Secret(value=old_secret).save(secret_block, overwrite=True)
     seed_deployment(kube, workload, wait=True)
@@ -152,3 +154,55 @@ def breach_window(layout) -> tuple[datetime, datetime]:
     time.sleep(0.3)
     pgcluster.psql(layout, layout.primary_port, "INSERT INTO ledger SELECT g, 'intruder' FROM generate_series(201, 230) g")
     return breach, datetime.now(timezone.utc)
+
+
+class AppWriter:
+    """An application role that keeps committing rows to the primary until the primary refuses it."""
+
+    def __init__(self, layout, uid: str):
+        self.layout, self.role, self.password = layout, f"writer_{uid}", f"w-{uuid.uuid4().hex}"
+        self.table = f"app_writes_{uid}"
+        pgcluster.psql(layout, layout.primary_port,
+                       f"CREATE ROLE {self.role} LOGIN PASSWORD '{self.password}'; "
+                       f"CREATE TABLE {self.table} (id bigserial PRIMARY KEY, committed_at timestamptz NOT NULL); "
+                       f"GRANT INSERT, SELECT ON {self.table} TO {self.role}; "
+                       f"GRANT USAGE ON SEQUENCE {self.table}_id_seq TO {self.role}")
+        self.commits: list[datetime] = []
+        self.refusal: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _connect(self):
+        return psycopg.connect(host="127.0.0.1", port=self.layout.primary_port, dbname="postgres", user=self.role,
+                               password=self.password, autocommit=True, connect_timeout=5)
+
+    def _run(self) -> None:
+        conn = None
+        while not self._stop.is_set():
+            try:
+                conn = conn or self._connect()
+                row = conn.execute(f"INSERT INTO {self.table} (committed_at) VALUES (clock_timestamp()) "
+                                   "RETURNING committed_at").fetchone()
+                self.commits.append(row[0])
+            except psycopg.Error as exc:
+                if conn is not None and not conn.closed:
+                    self.refusal = f"{type(exc).__name__}: {exc}"
+                    break
+                if conn is not None:
+                    conn = None  # ended by the server: a new session must be refused too
+                    continue
+                self.refusal = f"{type(exc).__name__}: {exc}"
+                break
+            time.sleep(0.002)
+        if conn is not None:
+            conn.close()
+
+    def start(self) -> None:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self.commits and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)

@@ -11,7 +11,9 @@ import hashlib
 import io
 import json
 import logging
+import os
 import tarfile
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -24,7 +26,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from pydantic import SecretStr
 
 from blocks import VerificationQuery
-from fixtures_security import BreachedEstate, breach_window, kube_target, plant_breach
+from fixtures_security import AppWriter, BreachedEstate, breach_window, kube_target, plant_breach
 from flows.security_breach import security_breach
 from sandbox import pgcluster
 from tasks.evidence import load_report, render_markdown
@@ -110,12 +112,29 @@ def _bad_inputs(estate: BreachedEstate) -> dict[str, tuple[dict, str]]:
                                   indicators=estate.indicators(workloads=["ghost"])), "compromised workload 'ghost'"),
         "no backup before the breach": (dict(breach_started_at=first_backup.started_at - timedelta(seconds=30)),
                                         "no known-good backup before the breach start"),
+        "workloads mapping to one name": (dict(breach_started_at=now - timedelta(minutes=5),
+                                               indicators=estate.indicators(workloads=[estate.workload,
+                                                                                       estate.workload.upper()])),
+                                          "would both use the NetworkPolicy"),
+        "revoking the response's own key": (dict(breach_started_at=now - timedelta(minutes=5),
+                                                 iam_block=_iam_block_signing_with(estate, estate.old_key_id)),
+                                            f"access key {estate.old_key_id} is compromised and is the key iam_block runs with"),
     }
+
+
+def _iam_block_signing_with(estate: BreachedEstate, key_id: str) -> str:
+    from blocks.aws_security import IamPrincipals
+
+    name = f"iam-own-{estate.uid}"
+    creds = estate.aws.model_copy(update={"aws_access_key_id": key_id})
+    IamPrincipals(credentials=creds).save(name, overwrite=True)
+    return name
 
 
 @pytest.mark.parametrize("case", ["breach time in the future", "naive breach time", "unknown principal",
                                   "unknown database role", "unknown workload",
-                                  "no backup before the breach"])
+                                  "no backup before the breach", "workloads mapping to one name",
+                                  "revoking the response's own key"])
 def test_bad_input_is_refused_before_any_change(untouched, case):
     params, expected = _bad_inputs(untouched)[case]
     state = run(untouched, **params)
@@ -134,7 +153,7 @@ def test_dry_run_records_every_change_and_makes_none(untouched):
     assert report.outcome == "DryRun", report.summary
     plan = "\n".join(report.plan)
     assert f"access key {untouched.old_key_id} Active -> Inactive" in plan
-    assert f"PostgreSQL role {untouched.role}: LOGIN -> NOLOGIN, 1 open session(s) ended" in plan
+    assert f"PostgreSQL role {untouched.role}: LOGIN -> NOLOGIN, 1 open session(s) recorded and ended" in plan
     assert f"security groups {untouched.original_groups} -> [quarantine-{untouched.uid}]" in plan
     assert f"no NetworkPolicy dr-deny-all-{untouched.workload} -> deny-all" in plan
     assert_untouched(untouched)
@@ -148,6 +167,7 @@ class Response:
     breach: datetime
     detected: datetime
     python_logs: list[str]
+    writer: AppWriter
 
 
 class _Collect(logging.Handler):
@@ -168,6 +188,8 @@ def response(breach_cluster, breach_aws, kube_server) -> Response:
     pgcluster.psql(estate.layout, estate.layout.primary_port, "SELECT pg_reload_conf()")
     breach, detected = breach_window(estate.layout)
     estate.cluster.backup("full")  # taken after the breach began: it holds the intruder's rows and must not be chosen
+    writer = AppWriter(estate.layout, estate.uid)  # an application that keeps writing through the response
+    writer.start()
     collect = _Collect()
     watched = [logging.getLogger(n) for n in ("", "prefect", "prefect.flow_runs", "prefect.task_runs")]
     levels = [lg.level for lg in watched]
@@ -180,11 +202,12 @@ def response(breach_cluster, breach_aws, kube_server) -> Response:
                     verification_queries=[VerificationQuery(name="pre-breach rows", sql="SELECT count(*) FROM ledger",
                                                             expected="200")])
     finally:
+        writer.stop()
         for lg, level in zip(watched, levels, strict=True):
             lg.removeHandler(collect)
             lg.setLevel(level)
     report = load_report(state.state_details.flow_run_id)
-    return Response(estate, state, report, breach, detected, collect.lines)
+    return Response(estate, state, report, breach, detected, collect.lines, writer)
 
 
 def test_response_recovers_and_reports_containment(response):
@@ -221,15 +244,49 @@ def test_old_database_password_fails_and_the_new_one_works(response):
     assert secret_block_value(f"rotated-{estate.uid}-postgres-{estate.role.replace('_', '-')}") == new_password
     assert not estate.cluster.can_login(estate.role, SecretStr(estate.old_password))
     assert estate.cluster.can_login(estate.role, SecretStr(new_password))
+    assert estate.cluster.password_matches(estate.role, SecretStr(new_password))
+    assert not estate.cluster.password_matches(estate.role, SecretStr(estate.old_password))
+    check = next(c for c in response.report.checks
+                 if c.name == f"password verifier replaced by the stored new password: {estate.role}")
+    assert check.passed, check.detail
     with pytest.raises(psycopg.OperationalError):
         estate.sessions[0].execute("SELECT 1")  # the intruder's session was ended
 
 
 def test_application_secret_rotated_in_both_stores(response):
+    from prefect.logging import disable_run_logger
+
+    from blocks.aws_security import SecretsManagerStore
+    from tasks.credentials import check_secret_rotated
+
     estate = response.estate
     value = current_secret(estate, estate.secret_id)
     assert value != estate.old_secret and len(value) >= 32
     assert secret_block_value(estate.secret_block) == value
+    store = SecretsManagerStore(credentials=estate.aws)
+    with disable_run_logger():
+        mine = check_secret_rotated.fn(store, estate.secret_id, estate.secret_block, "v", response.report.incident_id)
+        other = check_secret_rotated.fn(store, estate.secret_id, estate.secret_block, "v", "breach-another-incident")
+    assert mine.passed and not other.passed, (mine.detail, other.detail)
+
+
+def test_writes_are_fenced_after_containment_and_the_loss_counts_them(response):
+    report, writer = response.report, response.writer
+    fenced_at = datetime.fromisoformat(report.facts["Writes fenced at"])
+    isolated_at = datetime.fromisoformat(report.facts["Isolated at"])
+    assert writer.commits and writer.refusal, f"the application must have written, then been refused: {writer.refusal}"
+    assert any(reason in writer.refusal for reason in ("read-only transaction", "too many connections", "terminat")), \
+        writer.refusal
+    last = max(writer.commits)
+    assert last > isolated_at, "an application row committed after containment, before the fence"
+    assert last <= fenced_at
+    # The reported loss runs from the restore point to the fence: it covers every discarded application row.
+    start = report.last_restored_commit or datetime.fromisoformat(report.recovery_target)
+    assert start + timedelta(seconds=report.rpo_seconds) >= last
+    assert fenced_at.isoformat() in report.facts["Data-loss window"]
+    counts = pgcluster.psql(response.estate.layout, response.estate.layout.primary_port,
+                            f"SELECT count(*) FROM pg_class WHERE relname = '{writer.table}'")
+    assert counts == "0"  # the restore discarded them: they were written after the breach began
 
 
 def test_evidence_matches_its_manifest_and_cannot_be_deleted_or_overwritten(response):
@@ -265,6 +322,10 @@ def test_evidence_matches_its_manifest_and_cannot_be_deleted_or_overwritten(resp
         s3.get_object(Bucket=estate.bucket, Key=o["key"], VersionId=o["version_id"])["Body"].read()
         for o in manifest["objects"] if o["key"].endswith("containment.json")))
     assert containment["revoked_keys"] == {estate.user: [estate.old_key_id]}
+    # The intruder's session was recorded before it was ended.
+    [session] = containment["database_sessions_ended"][estate.role]
+    assert session["usename"] == estate.role and session["client_addr"] == "127.0.0.1"
+    assert f"exfiltrate-{estate.uid}" in session["query"] and session["backend_start"] and session["terminated"]
 
 
 def test_restore_point_is_before_the_breach_and_drops_the_intruders_rows(response):
@@ -345,3 +406,128 @@ def test_no_secret_value_appears_in_logs_artifacts_report_or_errors(response, pr
     leaked = [name for name, value in secrets.items() if value in everything]
     assert not leaked, f"secret values found in the run's output: {leaked}"
 
+
+
+def test_a_new_access_key_that_cannot_be_stored_is_deleted_and_a_leftover_one_is_cleaned_up(breach_aws):
+    from prefect.logging import disable_run_logger
+
+    from blocks.aws_security import AwsError, IamPrincipals, SecretsManagerStore
+    from tasks.credentials import check_only_stored_key_active, replace_access_key
+
+    iam_client, sm = breach_aws.get_client("iam"), breach_aws.get_client("secretsmanager")
+    user = f"svc-rot-{uuid.uuid4().hex[:6]}"
+    iam_client.create_user(UserName=user)
+    old = iam_client.create_access_key(UserName=user)["AccessKey"]["AccessKeyId"]
+    iam_client.update_access_key(UserName=user, AccessKeyId=old, Status="Inactive")
+    iam, store = IamPrincipals(credentials=breach_aws), SecretsManagerStore(credentials=breach_aws)
+    # A replica secret refuses writes in its region: the store there fails right after IAM made the key.
+    doomed = f"dr-tests/{user}/doomed"
+    sm.create_secret(Name=doomed, SecretString="x", AddReplicaRegions=[{"Region": "us-west-2"}])
+    replica_store = SecretsManagerStore(credentials=breach_aws.model_copy(update={"region_name": "us-west-2"}))
+    keys = lambda: {k["AccessKeyId"]: k["Status"] for k in iam_client.list_access_keys(UserName=user)["AccessKeyMetadata"]}  # noqa: E731
+    with disable_run_logger():
+        with pytest.raises(AwsError):
+            replace_access_key.fn(iam, replica_store, user, [old], doomed, None, "breach-test", [])
+        assert keys() == {old: "Inactive"}, "the key that could not be stored must not survive"
+        # A key an interrupted attempt created and never stored is removed before the next one is made.
+        leftover = iam_client.create_access_key(UserName=user)["AccessKey"]["AccessKeyId"]
+        secret_id = f"dr-tests/{user}/key"
+        rotated = replace_access_key.fn(iam, store, user, [old], secret_id, None, "breach-test", [])
+        assert leftover not in keys() and keys()[rotated.version] == "Active"
+        assert check_only_stored_key_active.fn(iam, store, user, secret_id, []).passed
+        iam_client.delete_access_key(UserName=user, AccessKeyId=old)
+        extra = iam_client.create_access_key(UserName=user)["AccessKey"]["AccessKeyId"]
+        failed = check_only_stored_key_active.fn(iam, store, user, secret_id, [])
+        assert not failed.passed and extra in failed.detail
+
+
+def test_storing_the_same_evidence_again_succeeds_and_large_files_go_in_parts(breach_aws, tmp_path):
+    from blocks.evidence_vault import EvidenceVault
+
+    vault = EvidenceVault(bucket=f"ev-retry-{uuid.uuid4().hex[:8]}", credentials=breach_aws, retention_days=1,
+                          multipart_threshold_bytes=5 * 1024 * 1024)
+    big, small = tmp_path / "db.pgdump", tmp_path / "notes.json"
+    big.write_bytes(os.urandom(6 * 1024 * 1024))
+    small.write_text('{"a": 1}')
+    created = datetime.now().astimezone()
+    until = created + timedelta(days=1)
+    first = vault.store("INC-1/run-1", [str(big), str(small)], None, {"flow_run_id": "run-1"}, until, created)
+    again = vault.store("INC-1/run-1", [str(big), str(small)], None, {"flow_run_id": "run-1"}, until, created)
+    assert again.manifest_version_id == first.manifest_version_id and again.manifest_sha256 == first.manifest_sha256
+    checks = vault.verify(again)
+    assert len(checks) == 3 and all(c.passed for c in checks), [c.detail for c in checks]
+    s3 = breach_aws.get_client("s3")
+    head = s3.head_object(Bucket=vault.bucket, Key=f"evidence/INC-1/run-1/{big.name}")
+    assert head["ETag"].strip('"').endswith("-2"), "a file over the threshold is uploaded in parts"
+    assert head["ObjectLockMode"] == "COMPLIANCE" and head["ContentLength"] == big.stat().st_size
+    with pytest.raises(ClientError):
+        s3.delete_object(Bucket=vault.bucket, Key=f"evidence/INC-1/run-1/{big.name}", VersionId=head["VersionId"])
+
+
+def test_quarantine_isolates_every_network_interface(breach_aws):
+    from prefect.logging import disable_run_logger
+
+    from blocks.aws_security import QuarantineSecurityGroup
+    from tasks.aws import check_quarantine
+
+    ec2 = breach_aws.get_client("ec2")
+    uid = uuid.uuid4().hex[:6]
+    vpc = ec2.describe_vpcs()["Vpcs"][0]["VpcId"]
+    subnet = ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["Subnets"][0]["SubnetId"]
+    web = ec2.create_security_group(GroupName=f"web-{uid}", Description="web", VpcId=vpc)["GroupId"]
+    admin = ec2.create_security_group(GroupName=f"admin-{uid}", Description="admin", VpcId=vpc)["GroupId"]
+    instance = ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1, SecurityGroupIds=[web],
+                                 SubnetId=subnet)["Instances"][0]["InstanceId"]
+    second = ec2.create_network_interface(SubnetId=subnet, Groups=[admin])["NetworkInterface"]["NetworkInterfaceId"]
+    ec2.attach_network_interface(NetworkInterfaceId=second, InstanceId=instance, DeviceIndex=1)
+    block = QuarantineSecurityGroup(credentials=breach_aws, group_name=f"quarantine-eni-{uid}")
+    done = block.quarantine(instance)
+    assert set(done.previous_by_interface) == set(block.interface_groups(instance)) and len(done.previous_by_interface) == 2
+    assert admin in done.previous_by_interface[second]
+    with disable_run_logger():
+        checks = check_quarantine.fn(block, instance, done.group_id)
+    assert all(c.passed for c in checks), [c.detail for c in checks]
+    for eni in ec2.describe_network_interfaces(NetworkInterfaceIds=[second])["NetworkInterfaces"]:
+        assert [g["GroupId"] for g in eni["Groups"]] == [done.group_id]
+        assert admin in {t["Key"]: t["Value"] for t in eni["TagSet"]}["dr:previous-security-groups"]
+    assert block.quarantine(instance).already
+
+
+def test_a_secret_that_is_not_a_json_object_is_a_project_error(breach_aws):
+    from blocks.aws_security import AwsError, SecretsManagerStore
+
+    name = f"dr-tests/list-{uuid.uuid4().hex[:6]}"
+    breach_aws.get_client("secretsmanager").create_secret(Name=name, SecretString="[1, 2]")
+    with pytest.raises(AwsError, match="does not hold a JSON object") as raised:
+        SecretsManagerStore(credentials=breach_aws).current_json(name)
+    assert isinstance(raised.value.__cause__, AttributeError)
+
+
+def test_a_role_manager_without_superuser_rights_can_set_a_password(breach_cluster):
+    name, cluster, layout = breach_cluster
+    uid = uuid.uuid4().hex[:6]
+    manager, manager_pw, target = f"rolemgr_{uid}", f"m-{uid}-pw", f"victim_{uid}"
+    pgcluster.psql(layout, layout.primary_port, f"CREATE ROLE {manager} LOGIN CREATEROLE PASSWORD '{manager_pw}'; "
+                                                f"CREATE ROLE {target} LOGIN PASSWORD 'before'")
+    limited = cluster.model_copy(update={"user": manager, "password": SecretStr(manager_pw)})
+    limited.set_password(target, SecretStr(f"after-{uid}"))
+    assert cluster.password_matches(target, SecretStr(f"after-{uid}"))
+    assert not cluster.password_matches(target, SecretStr("before"))
+
+
+def test_replicas_of_the_replaced_primary_are_named_for_re_cloning():
+    from blocks import PostgresCluster, PostgresInstance
+    from flows.security_breach import _replica_follow_ups
+    from tasks.evidence import RecoveryReport
+
+    cluster = PostgresCluster(primary=PostgresInstance(port=5432, data_directory="/srv/pg/primary"),
+                              replicas=[PostgresInstance(port=5433, data_directory="/srv/pg/replica1")],
+                              password="unused", recovery_directory="/srv/pg/recovery")
+    now = datetime.now().astimezone()
+    report = RecoveryReport(scenario="security-breach", incident_id="i", target="c", severity="P0",
+                            incident_detected_at=now, started_at=now, recovery_target="", rto_objective_seconds=0,
+                            rpo_objective_seconds=0)
+    _replica_follow_ups(report, cluster)
+    assert any("/srv/pg/replica1" in item and "re-clone" in item for item in report.action_items)
+    [check] = [c for c in report.checks if c.name == "no replica serves data from before the restore"]
+    assert not check.passed and not check.critical
