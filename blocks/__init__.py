@@ -15,6 +15,7 @@ from blocks.errors import (
 )
 from blocks.aws_security import AwsError, AwsUnavailable, IamPrincipals, QuarantineSecurityGroup, SecretsManagerStore
 from blocks.backup_sources import BackupCheck, BackupSources, ObjectPrefixSource, PgBackRestSource
+from blocks.dns import DnsError, DnsRecord, DnsZone
 from blocks.evidence_vault import EvidenceVault
 from blocks.health import HealthEndpoints, HealthError
 from blocks.kubernetes import KubernetesError, KubernetesTarget, KubernetesUnavailable, RolloutNotReady
@@ -22,7 +23,9 @@ from blocks.models import ModelRegistry, ModelRegistryError
 from blocks.object_store import ObjectStore, ObjectStoreError, ObjectStoreUnavailable
 from blocks.objectives import Objective, RecoveryObjectives
 from blocks.qdrant import EmbeddingTable, QdrantCluster, QdrantError
+from blocks.rds import RdsDatabase, RdsError
 from blocks.redis_cache import RedisCache, RedisError, RedisUnavailable
+from blocks.region import Region
 from blocks.postgres import CheckResult, PostgresCluster, PostgresInstance, VerificationQuery
 
 __all__ = [
@@ -34,6 +37,9 @@ __all__ = [
     "PgBackRestSource",
     "AwsError",
     "AwsUnavailable",
+    "DnsError",
+    "DnsRecord",
+    "DnsZone",
     "EmbeddingTable",
     "EvidenceVault",
     "HealthEndpoints",
@@ -48,9 +54,12 @@ __all__ = [
     "QuarantineSecurityGroup",
     "QdrantCluster",
     "QdrantError",
+    "RdsDatabase",
+    "RdsError",
     "RedisCache",
     "RedisError",
     "RedisUnavailable",
+    "Region",
     "RolloutNotReady",
     "SecretsManagerStore",
     "ApprovalError",

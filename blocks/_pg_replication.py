@@ -2,6 +2,468 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from blocks._process import chown_to, run_as, wait_until
+from blocks.errors import CommandFailed, InvalidInput, PostgresError, PostgresUnavailable
+
+# Configuration files pg_rewind and pg_basebackup copy from the source; each instance keeps its own.
+CONFIG_FILES = ("postgresql.conf", "postgresql.auto.conf", "pg_hba.conf", "pg_ident.conf")
+# Settings that belong to one instance's role at one moment and never survive a resync.
+ROLE_SETTINGS = ("default_transaction_read_only", "primary_conninfo", "primary_slot_name", "recovery_target",
+                 "recovery_target_time", "recovery_target_name", "recovery_target_lsn", "recovery_target_xid",
+                 "recovery_target_action", "recovery_target_timeline", "restore_command")
+
+
+@dataclass(frozen=True)
+class ReplicaLag:
+    """How far a replica is behind, and the most data promoting it now could lose.
+
+    ``seconds`` is an upper bound of the data-loss window: the time between the last commit the
+    replica replayed and the primary's newest WAL (primary reachable) or the moment the primary
+    was lost (primary unreachable; WAL the replica never received cannot be measured).
+    """
+
+    address: str
+    port: int
+    is_primary: bool
+    bytes: int | None
+    seconds: float | None
+    measured_from: str
+    last_replayed_commit: datetime | None
+    detail: str
+
+    def within(self, rpo_seconds: float) -> bool:
+        """True when the measured data-loss window is known and at most ``rpo_seconds``."""
+        return self.seconds is not None and self.seconds <= rpo_seconds
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["last_replayed_commit"] = self.last_replayed_commit.isoformat() if self.last_replayed_commit else None
+        return data
+
+
+@dataclass(frozen=True)
+class ReplicaPromotion:
+    """The outcome of promoting a replica: idempotent, so ``already_primary`` tells a re-run apart."""
+
+    address: str
+    already_primary: bool
+    timeline: int
+    promoted_at: str
+
+
+@dataclass(frozen=True)
+class Resync:
+    """How an instance became a standby of a new primary again."""
+
+    address: str
+    source: str
+    method: str
+    moved_aside: str | None
+    detail: str
+
 
 class ReplicationVerbs:
     """Mixed into ``PostgresCluster``; uses its ``connect``/``query_one``/``_pg_ctl`` plumbing."""
+
+    # ------------------------------------------------------------------ instances
+
+    def instances(self) -> list:
+        """Every instance the block knows: the primary first, then the replicas."""
+        return [self.primary, *self.replicas]
+
+    def instance_at(self, port: int):
+        """The known instance listening on ``port``; an unknown port is refused."""
+        for inst in self.instances():
+            if inst.port == port:
+                return inst
+        known = ", ".join(str(i.port) for i in self.instances())
+        raise InvalidInput(f"no instance of this cluster listens on port {port}; known ports: {known}")
+
+    def _as_primary(self, port: int):
+        """A copy of this block whose primary is the instance on ``port`` (for verbs that act on the primary)."""
+        return self.model_copy(update={"primary": self.instance_at(port)})
+
+    def _data_directory(self, port: int) -> str:
+        inst = self.instance_at(port)
+        if not inst.data_directory:
+            raise InvalidInput(f"instance {inst.address} has no data_directory: it is not on this host")
+        return inst.data_directory
+
+    def role(self, port: int) -> str:
+        """'primary', 'standby' or 'unreachable' for the instance on ``port``."""
+        try:
+            return "standby" if self.is_in_recovery(port) else "primary"
+        except PostgresUnavailable:
+            return "unreachable"
+
+    def accepts_writes(self, port: int) -> bool:
+        """True when the instance answers, is not in recovery and is not fenced read-only."""
+        try:
+            return bool(self.query_one(
+                "SELECT NOT pg_is_in_recovery() AND current_setting('default_transaction_read_only') = 'off'",
+                port=port))
+        except PostgresUnavailable:
+            return False
+
+    def writers(self) -> list[int]:
+        """Ports of the known instances that accept writes now (more than one is split brain)."""
+        return [inst.port for inst in self.instances() if self.accepts_writes(inst.port)]
+
+    # ------------------------------------------------------------------ lag
+
+    def replica_lag(self, port: int, primary_port: int | None = None, primary_lost_at: datetime | None = None) -> ReplicaLag:
+        """Measure how far the replica on ``port`` is behind ``primary_port`` (default: the block's primary).
+
+        Args:
+            port: the replica.
+            primary_port: the primary it follows.
+            primary_lost_at: when the primary was seen failing; bounds the data-loss window when the
+                primary cannot be asked.
+        """
+        inst = self.instance_at(port)
+        with self.connect(port) as conn:
+            try:
+                in_recovery, received, replayed, replay_ts, now, receiver = conn.execute(
+                    "SELECT pg_is_in_recovery(), pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn(), "
+                    "pg_last_xact_replay_timestamp(), now(), (SELECT status FROM pg_stat_wal_receiver)"
+                ).fetchone()
+            except psycopg.Error as exc:
+                raise PostgresError(f"reading replication status of {inst.address} failed: {exc}") from exc
+        if not in_recovery:
+            return ReplicaLag(inst.address, port, True, 0, 0.0, "replica", None, f"{inst.address} is a primary")
+        source = self.instance_at(primary_port) if primary_port is not None else self.primary
+        primary_lsn = None
+        if source.port != port:
+            try:
+                primary_lsn = self.query_one(
+                    "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn() END", port=source.port)
+            except PostgresUnavailable:
+                primary_lsn = None
+        if primary_lsn is not None:
+            behind = int(self.query_one("SELECT pg_wal_lsn_diff(%s::pg_lsn, %s::pg_lsn)",
+                                        (str(primary_lsn), str(replayed)), port=source.port))
+            behind = max(behind, 0)
+            if behind == 0:
+                seconds = 0.0
+            elif replay_ts is not None:
+                seconds = max((now - replay_ts).total_seconds(), 0.0)
+            else:
+                seconds = None
+            detail = (f"{behind} bytes of WAL behind {source.address}"
+                      + (f"; last replayed commit {replay_ts.isoformat()}" if replay_ts else ""))
+            return ReplicaLag(inst.address, port, False, behind, seconds, "primary", replay_ts, detail)
+        pending = 0
+        if received is not None and replayed is not None:
+            pending = max(int(self.query_one("SELECT pg_wal_lsn_diff(%s::pg_lsn, %s::pg_lsn)",
+                                             (str(received), str(replayed)), port=port)), 0)
+        lost_at = primary_lost_at or now
+        seconds = max((lost_at - replay_ts).total_seconds(), 0.0) if replay_ts is not None else None
+        detail = (f"{source.address} unreachable; {pending} received bytes not yet replayed; WAL never received "
+                  f"cannot be measured; last replayed commit {replay_ts.isoformat() if replay_ts else 'unknown'}; "
+                  f"receiver {receiver or 'stopped'}")
+        return ReplicaLag(inst.address, port, False, pending, seconds, "replica", replay_ts, detail)
+
+    # ------------------------------------------------------------------ fencing by instance
+
+    def fence_instance(self, port: int) -> int:
+        """Fence the instance on ``port`` (see ``fence``); returns the client sessions ended."""
+        return self._as_primary(port).fence()
+
+    def unfence_instance(self, port: int) -> None:
+        """Let connections and writes into the instance on ``port`` again."""
+        self._as_primary(port).unfence()
+
+    def fence_old_primary(self, port: int, stop: bool = True) -> dict:
+        """Make sure the instance on ``port`` can no longer take writes before another one is promoted.
+
+        An instance that answers is fenced (see ``fence``) and, when it runs on this host and
+        ``stop`` is set, stopped. One that does not answer is recorded as unreachable.
+
+        Returns:
+            ``{"address", "state", "sessions_ended"}`` with state 'unreachable', 'fenced' or 'stopped'.
+
+        Raises:
+            PostgresError: the instance still accepts writes afterwards.
+        """
+        inst = self.instance_at(port)
+        if self.role(port) == "unreachable":
+            return {"address": inst.address, "state": "unreachable", "sessions_ended": 0}
+        ended = self.fence_instance(port)
+        state = "fenced"
+        if stop and inst.data_directory:
+            self.stop_at(port)
+            state = "stopped"
+        if self.accepts_writes(port):
+            raise PostgresError(f"{inst.address} still accepts writes after fencing; refusing a second writer")
+        return {"address": inst.address, "state": state, "sessions_ended": ended}
+
+    # ------------------------------------------------------------------ start / stop
+
+    def stop_at(self, port: int, mode: str = "fast") -> None:
+        """Stop the local instance on ``port``; already stopped is fine."""
+        if mode not in ("smart", "fast", "immediate"):
+            raise InvalidInput(f"stop mode {mode!r} is not one of smart, fast, immediate")
+        self.stop_instance(self._data_directory(port), mode)
+
+    def start_at(self, port: int) -> None:
+        """Start the local instance on ``port`` unless it runs."""
+        self.start_instance(self._data_directory(port), port)
+        wait_until(lambda: self.role(port) != "unreachable", timeout=self.start_timeout_seconds, interval=0.2,
+                   what=f"instance on port {port} to accept sessions")
+
+    # ------------------------------------------------------------------ promotion
+
+    def promote(self, port: int, timeout_seconds: int = 60) -> ReplicaPromotion:
+        """Promote the replica on ``port`` to a primary and open it for writes.
+
+        A fence the old primary replicated to it (connection limits) is lifted. Idempotent: a
+        primary is left as it is.
+        """
+        inst = self.instance_at(port)
+        self.archive_from_own_directory(port)
+        if not self.is_in_recovery(port):
+            self.unfence_instance(port)
+            return ReplicaPromotion(inst.address, True, self._timeline(port), "")
+        ok = self.query_one("SELECT pg_promote(true, %s)", (int(timeout_seconds),), port=port)
+        if not ok:
+            raise PostgresError(f"{inst.address} did not finish promotion within {timeout_seconds} s")
+        wait_until(lambda: not self.is_in_recovery(port), timeout=timeout_seconds, interval=0.2,
+                   what=f"{inst.address} to leave recovery")
+        # The control file names the new timeline only after a checkpoint; pg_rewind reads it from there.
+        self.query_one("CHECKPOINT", port=port)
+        self.unfence_instance(port)
+        return ReplicaPromotion(inst.address, False, self._timeline(port), datetime.now(timezone.utc).isoformat())
+
+    def archive_from_own_directory(self, port: int) -> str | None:
+        """Make a pgBackRest ``archive_command`` of the instance name its own data directory.
+
+        pgBackRest refuses to archive from a data directory other than the stanza's ``pg1-path``,
+        so a promoted replica would leave a gap in the WAL archive. The setting goes into the
+        instance's ``postgresql.auto.conf`` (a standby cannot run ALTER SYSTEM) and is reloaded.
+
+        Returns:
+            The archive command in effect afterwards (None when the instance is not on this host).
+        """
+        inst = self.instance_at(port)
+        if not inst.data_directory:
+            return None
+        current = str(self.query_one("SELECT current_setting('archive_command')", port=port) or "")
+        if "pgbackrest" not in current or " archive-push" not in current:
+            return current
+        own = f"--pg1-path={inst.data_directory}"
+        if re.search(r"--pg1-path=\S+", current):
+            wanted = re.sub(r"--pg1-path=\S+", lambda _: own, current, count=1)
+        else:
+            wanted = current.replace(" archive-push", f" {own} archive-push", 1)
+        if wanted == current:
+            return current
+        path = os.path.join(inst.data_directory, "postgresql.auto.conf")
+        with open(path) as fh:
+            lines = [ln for ln in fh if ln.split("=", 1)[0].strip() != "archive_command"]
+        quoted = wanted.replace("'", "''")
+        lines.append(f"archive_command = '{quoted}'\n")
+        with open(path, "w") as fh:
+            fh.writelines(lines)
+        chown_to(path, self.os_user)
+        self.query_one("SELECT pg_reload_conf()", port=port)
+        wait_until(lambda: self.query_one("SELECT current_setting('archive_command')", port=port) == wanted,
+                   timeout=10, what=f"{inst.address} to reload its archive_command")
+        return wanted
+
+    def _timeline(self, port: int) -> int:
+        return int(self.query_one("SELECT timeline_id FROM pg_control_checkpoint()", port=port))
+
+    # ------------------------------------------------------------------ following a primary
+
+    def follows(self, port: int, source_port: int) -> bool:
+        """True when the instance on ``port`` streams WAL from the instance on ``source_port``."""
+        try:
+            row = self.query_one(
+                "SELECT row_to_json(r)::text FROM (SELECT status, sender_port FROM pg_stat_wal_receiver) r", port=port)
+        except PostgresUnavailable:
+            return False
+        if not row:
+            return False
+        status = json.loads(row)
+        return status.get("status") == "streaming" and status.get("sender_port") == source_port
+
+    def resync_as_standby(self, port: int, source_port: int, allow_clone: bool = True, timeout_seconds: int = 120) -> Resync:
+        """Make the instance on ``port`` a streaming standby of the primary on ``source_port``.
+
+        The instance is stopped and rewound with ``pg_rewind`` (as the OS user, password from a
+        private pgpass file); when rewinding is impossible and ``allow_clone`` is set, its data
+        directory is moved aside (never deleted) and a fresh ``pg_basebackup`` clone takes its place.
+        Its own configuration files are kept either way. Idempotent: a standby already streaming
+        from the source is left as it is.
+        """
+        if port == source_port:
+            raise InvalidInput(f"instance on port {port} cannot follow itself")
+        inst, source = self.instance_at(port), self.instance_at(source_port)
+        data_dir = self._data_directory(port)
+        if self.follows(port, source_port) and not self._stale_role_settings(data_dir):
+            return Resync(inst.address, source.address, "already-following", None, "already streaming")
+        if self.role(source_port) != "primary":
+            raise PostgresError(f"{source.address} is not a running primary; nothing to follow")
+        saved = self._read_config(data_dir)
+        self.stop_instance(data_dir)
+        moved_aside = None
+        method = "rewind"
+        try:
+            detail = self._rewind(data_dir, source)
+        except CommandFailed as exc:
+            if not allow_clone:
+                raise PostgresError(f"pg_rewind of {data_dir} from {source.address} failed: {exc}") from exc
+            method = "clone"
+            moved_aside = f"{data_dir.rstrip('/')}.failed-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
+            os.rename(data_dir, moved_aside)
+            self._clone(data_dir, source)
+            detail = f"pg_rewind failed ({str(exc)[:200]}); cloned afresh, old data directory kept at {moved_aside}"
+        self._configure_standby(data_dir, port, source, saved)
+        self.start_instance(data_dir, port)
+        wait_until(lambda: self.follows(port, source_port), timeout=timeout_seconds, interval=0.3,
+                   what=f"{inst.address} to stream from {source.address}")
+        return Resync(inst.address, source.address, method, moved_aside, detail)
+
+    def _stale_role_settings(self, data_dir: str) -> list[str]:
+        """Recovery settings a standby must not carry (a recovery target would end its following and promote it)."""
+        path = os.path.join(data_dir, "postgresql.auto.conf")
+        try:
+            with open(path) as fh:
+                keys = [line.split("=", 1)[0].strip() for line in fh if "=" in line and not line.lstrip().startswith("#")]
+        except OSError:
+            return []
+        return [k for k in keys if k.startswith("recovery_target") or k in ("restore_command", "default_transaction_read_only")]
+
+    def _read_config(self, data_dir: str) -> dict[str, str]:
+        saved = {}
+        for name in CONFIG_FILES:
+            path = os.path.join(data_dir, name)
+            if os.path.exists(path):
+                with open(path) as fh:
+                    saved[name] = fh.read()
+        return saved
+
+    def _source_conninfo(self, source) -> str:
+        return make_conninfo(host=source.host, port=source.port, user=self.user, dbname=self.database,
+                             connect_timeout=self.connect_timeout_seconds)
+
+    def _rewind(self, data_dir: str, source) -> str:
+        self.query_one("CHECKPOINT", port=source.port)  # a freshly promoted source must name its new timeline
+        with self._pgpass() as env:
+            proc = run_as([self._bin("pg_rewind"), f"--target-pgdata={data_dir}",
+                           f"--source-server={self._source_conninfo(source)}", "--progress"],
+                          user=self.os_user, timeout=self.start_timeout_seconds, env=env)
+        lines = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+        return "pg_rewind: " + (lines[-1] if lines else "done")
+
+    def _clone(self, data_dir: str, source) -> None:
+        parent = os.path.dirname(data_dir.rstrip("/"))
+        os.makedirs(parent, exist_ok=True)
+        with self._pgpass() as env:
+            try:
+                run_as([self._bin("pg_basebackup"), f"--dbname={self._source_conninfo(source)}", "-D", data_dir,
+                        "-X", "stream", "-c", "fast", "--no-password"],
+                       user=self.os_user, timeout=self.start_timeout_seconds * 4, env=env)
+            except CommandFailed as exc:
+                raise PostgresError(f"cloning {source.address} into {data_dir} failed: {exc}") from exc
+
+    def _standby_passfile(self, data_dir: str) -> str:
+        """A pgpass file the standby keeps for reconnecting: an existing one of the cluster, else one beside it."""
+        for inst in self.instances():
+            if not inst.data_directory:
+                continue
+            conf = os.path.join(inst.data_directory, "postgresql.auto.conf")
+            try:
+                with open(conf) as fh:
+                    text = fh.read()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if line.split("=", 1)[0].strip() == "primary_conninfo":
+                    value = line.split("=", 1)[1].strip().strip("'").replace("''", "'")
+                    passfile = conninfo_to_dict(value).get("passfile")
+                    if passfile and os.path.exists(passfile):
+                        return passfile
+        path = f"{data_dir.rstrip('/')}.pgpass"
+        secret = self.password.get_secret_value().replace("\\", "\\\\").replace(":", "\\:")
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+            fh.write(f"*:*:*:{self.user}:{secret}\n")
+        chown_to(path, self.os_user)
+        return path
+
+    def _configure_standby(self, data_dir: str, port: int, source, saved: dict[str, str]) -> None:
+        """Put the instance's own configuration back and point it at ``source`` as a standby."""
+        for name, text in saved.items():
+            path = os.path.join(data_dir, name)
+            with open(path, "w") as fh:
+                fh.write(text)
+            chown_to(path, self.os_user)
+        conninfo = make_conninfo(host=source.host, port=source.port, user=self.user,
+                                 passfile=self._standby_passfile(data_dir), application_name=f"standby_{port}")
+        auto = os.path.join(data_dir, "postgresql.auto.conf")
+        lines = []
+        if os.path.exists(auto):
+            with open(auto) as fh:
+                lines = [ln for ln in fh if ln.split("=", 1)[0].strip() not in (*ROLE_SETTINGS, "port")]
+        quoted = conninfo.replace("'", "''")
+        lines += [f"port = '{port}'\n", f"primary_conninfo = '{quoted}'\n"]
+        with open(auto, "w") as fh:
+            fh.writelines(lines)
+        chown_to(auto, self.os_user)
+        signal = os.path.join(data_dir, "standby.signal")
+        open(signal, "a").close()
+        chown_to(signal, self.os_user)
+        recovery_signal = os.path.join(data_dir, "recovery.signal")
+        if os.path.exists(recovery_signal):
+            os.remove(recovery_signal)
+
+    # ------------------------------------------------------------------ planned switchover
+
+    def switchover(self, to_port: int, timeout_seconds: int = 120) -> dict:
+        """Hand the primary role to the standby on ``to_port`` without losing a commit.
+
+        The current primary is fenced, the standby waits until it has replayed everything,
+        the old primary stops cleanly, the standby is promoted and opened for writes, and every
+        other local instance is rewound to follow it. Idempotent: a re-run finishes what is left.
+
+        Returns:
+            What happened: the old and new primary, the promotion and the resync of each other instance.
+        """
+        target = self.instance_at(to_port)
+        others = [inst for inst in self.instances() if inst.port != to_port]
+        writers = [inst for inst in others if self.role(inst.port) == "primary"]
+        old = None
+        if self.role(to_port) == "primary":
+            if writers:
+                raise PostgresError(f"{target.address} and {writers[0].address} are both primaries; resolve by hand")
+            promotion = ReplicaPromotion(target.address, True, self._timeline(to_port), "")
+        else:
+            if len(writers) != 1:
+                raise PostgresError(f"expected one running primary to switch over from, found {len(writers)}")
+            old = writers[0]
+            if not self.follows(to_port, old.port):
+                raise PostgresError(f"{target.address} does not stream from {old.address}; resync it first")
+            self.fence_instance(old.port)
+            final = str(self.query_one("SELECT pg_current_wal_lsn()", port=old.port))
+
+            def caught_up() -> bool:
+                return int(self.query_one("SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), %s::pg_lsn)",
+                                          (final,), port=to_port)) >= 0
+
+            wait_until(caught_up, timeout=timeout_seconds, interval=0.2, what=f"{target.address} to replay {final}")
+            self.stop_at(old.port)
+            promotion = self.promote(to_port, timeout_seconds)
+        self.unfence_instance(to_port)  # also when a re-run finds it promoted already
+        resyncs = [asdict(self.resync_as_standby(inst.port, to_port, timeout_seconds=timeout_seconds))
+                   for inst in others if inst.data_directory]
+        return {"old_primary": old.address if old else None, "new_primary": target.address,
+                "promotion": asdict(promotion), "resyncs": resyncs}

@@ -57,6 +57,13 @@ def free_local_port() -> int:
         return sock.getsockname()[1]
 
 
+# What a point-in-time restore writes into postgresql.auto.conf, removed again at promotion.
+RECOVERY_SETTINGS = (
+    "restore_command", "recovery_target", "recovery_target_time", "recovery_target_name", "recovery_target_lsn",
+    "recovery_target_xid", "recovery_target_inclusive", "recovery_target_action", "recovery_target_timeline",
+)
+
+
 class PostgresInstance(BaseModel):
     """One PostgreSQL server: where it listens and, when it runs on this host, its data directory."""
 
@@ -582,7 +589,9 @@ class PostgresCluster(ReplicationVerbs, RoleVerbs, Block):
                 self.stop_instance(primary_dir)
                 os.rename(primary_dir, aside)
             os.rename(candidate.data_directory, primary_dir)
-        self._set_auto_conf(primary_dir, {"port": str(self.primary.port), "archive_mode": "on"})
+        # The restore's recovery settings must not follow the new primary into replicas cloned from it:
+        # a replica inheriting recovery_target_action = 'promote' would promote itself (two writers).
+        self._set_auto_conf(primary_dir, {"port": str(self.primary.port), "archive_mode": "on"}, remove=RECOVERY_SETTINGS)
         if not already:
             self._write_marker(primary_dir, {**(self.read_marker(primary_dir) or {}), "state": "promoted",
                                              "promoted_at": datetime.now(timezone.utc).isoformat(),
@@ -629,13 +638,13 @@ class PostgresCluster(ReplicationVerbs, RoleVerbs, Block):
                 self.pgbackrest.archive_push(os.path.join(wal_dir, name))
         self.archive_wal()
 
-    def _set_auto_conf(self, data_directory: str, settings: dict[str, str]) -> None:
-        """Replace ``settings`` in postgresql.auto.conf of a stopped instance."""
+    def _set_auto_conf(self, data_directory: str, settings: dict[str, str], remove: tuple[str, ...] = ()) -> None:
+        """Replace ``settings`` and drop ``remove`` in postgresql.auto.conf of a stopped instance."""
         path = os.path.join(data_directory, "postgresql.auto.conf")
         lines = []
         if os.path.exists(path):
             with open(path) as fh:
-                lines = [ln for ln in fh if ln.split("=", 1)[0].strip() not in settings]
+                lines = [ln for ln in fh if ln.split("=", 1)[0].strip() not in (*settings, *remove)]
         lines += [f"{key} = '{value}'\n" for key, value in settings.items()]
         with open(path, "w") as fh:
             fh.writelines(lines)

@@ -45,6 +45,9 @@ def test_pitr_to_a_time_returns_exactly_the_rows_committed_before_it(cluster):
     assert report.last_restored_commit is not None and report.last_restored_commit <= target
     assert os.path.isdir(report.promotion["old_primary_aside"])  # kept aside, not deleted
     assert [a.policy for a in report.approvals] == ["auto (drill)"]
+    # A replica cloned from the promoted primary must not inherit the restore's target and promote itself.
+    auto_conf = (pg.primary_dir / "postgresql.auto.conf").read_text()
+    assert "recovery_target" not in auto_conf and "restore_command" not in auto_conf, auto_conf
 
 
 def test_pitr_to_a_named_restore_point(cluster):
