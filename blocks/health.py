@@ -3,16 +3,19 @@
 An outage is declared only on consecutive failures inside a window (the continuity plan's
 failover trigger: the health check fails for 2 consecutive periods, 60 s in total); a single
 failed probe between successes is a blip, recorded but not an outage. Every probe is bounded
-by the block's timeout and every probing session by its window.
+by the block's timeout (the whole answer, not each read: a server trickling bytes does not hold a
+probe longer), and every probing session by its window plus one timeout: rounds start inside the
+window, and the endpoints of a round are probed concurrently.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
-from typing import Literal
 from datetime import datetime, timezone
+from typing import Literal
 
 import httpx
 from prefect.blocks.core import Block
@@ -196,43 +199,60 @@ class HealthEndpoints(Block):
     def _client(self) -> httpx.Client:
         return httpx.Client(timeout=httpx.Timeout(self.timeout_seconds), verify=self.verify_tls, follow_redirects=False)
 
-    def _probe(self, http: httpx.Client, url: str) -> Probe:
-        at, started = _now(), time.perf_counter()
+    def _probe(self, url: str, http: httpx.Client | None = None) -> Probe:
+        """One GET of ``url``; the whole answer (headers and body) must arrive within ``timeout_seconds``."""
+        at, started = _now(), time.monotonic()
+        deadline = started + self.timeout_seconds
+
+        def elapsed_ms() -> float:
+            return round((time.monotonic() - started) * 1000, 2)
+
+        own = http is None
+        http = http or self._client()
         try:
-            response = http.get(url)
+            with http.stream("GET", url) as response:
+                for _ in response.iter_raw():
+                    if time.monotonic() > deadline:
+                        return Probe(at, False, response.status_code, elapsed_ms(),
+                                     f"ReadTimeout: the answer was not complete within {self.timeout_seconds:g} s")
         except httpx.HTTPError as exc:
-            return Probe(at, False, None, round((time.perf_counter() - started) * 1000, 2),
-                         f"{type(exc).__name__}: {str(exc)[:200]}")
-        latency = round((time.perf_counter() - started) * 1000, 2)
+            return Probe(at, False, None, elapsed_ms(), f"{type(exc).__name__}: {str(exc)[:200]}")
+        finally:
+            if own:
+                http.close()
+        latency = elapsed_ms()
+        if latency > self.timeout_seconds * 1000:
+            return Probe(at, False, response.status_code, latency,
+                         f"ReadTimeout: the answer was not complete within {self.timeout_seconds:g} s")
         ok = response.status_code in self.expected_status
         return Probe(at, ok, response.status_code, latency,
                      None if ok else f"HTTP {response.status_code}, expected {self.expected_status}")
 
+    def _probe_round(self, pool: ThreadPoolExecutor, urls: list[str]) -> list[Probe]:
+        """Probe ``urls`` concurrently; one whose probe has not returned a little after the timeout is failed."""
+        at = _now()
+        futures = [pool.submit(self._probe, url) for url in urls]
+        wait(futures, timeout=self.timeout_seconds + 0.5)
+        late = f"Timeout: no answer within {self.timeout_seconds:g} s"
+        return [f.result() if f.done() else Probe(at, False, None, round(self.timeout_seconds * 1000, 2), late)
+                for f in futures]
+
     def probe_once(self, names: list[str] | None = None) -> dict[str, Probe]:
-        """One probe of each endpoint."""
-        with self._client() as http:
-            return {name: self._probe(http, url) for name, url in self._select(names).items()}
+        """One probe of each endpoint (concurrently)."""
+        selected = self._select(names)
+        pool = ThreadPoolExecutor(max_workers=min(16, len(selected)), thread_name_prefix="health-probe")
+        try:
+            return dict(zip(selected, self._probe_round(pool, list(selected.values())), strict=True))
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
-    def probe(self, failures_required: int = 2, window_seconds: float = 60, interval_seconds: float | None = None,
-              names: list[str] | None = None, until: Literal["decided", "healthy", "window"] = "decided"
-              ) -> HealthEvidence:
-        """Probe every endpoint every ``interval_seconds`` for at most ``window_seconds``.
+    def check_settings(self, failures_required: int, window_seconds: float, interval_seconds: float | None = None,
+                       names: list[str] | None = None) -> dict[str, str]:
+        """Refuse (InvalidInput) probe settings that cannot work, before anything is probed or changed.
 
-        An endpoint's outage is confirmed by ``failures_required`` consecutive failures inside the
-        window; it is healthy when its latest ``failures_required`` probes succeeded. The session
-        ends when the window closes, or earlier: with ``until="decided"`` (detecting an outage) as
-        soon as every endpoint has ``failures_required`` agreeing probes in a row (down or up); with
-        ``until="healthy"`` (verifying a recovery) as soon as every endpoint is healthy.
-
-        Args:
-            failures_required: consecutive failures that make an outage (>= 1).
-            window_seconds: the longest the session lasts.
-            interval_seconds: time between rounds; default spreads ``failures_required`` rounds over the window.
-            names: a subset of the endpoints; all by default.
-            until: 'decided', 'healthy' or 'window' (probe for the whole window).
+        Returns:
+            The selected endpoints (name -> URL).
         """
-        if until not in ("decided", "healthy", "window"):
-            raise InvalidInput(f"until {until!r} is not 'decided', 'healthy' or 'window'")
         if not isinstance(failures_required, int) or failures_required < 1:
             raise InvalidInput(f"failures_required {failures_required!r} must be a whole number >= 1")
         if window_seconds <= 0:
@@ -245,21 +265,57 @@ class HealthEndpoints(Block):
                 f"{failures_required} consecutive failures {interval:g} s apart do not fit in a {window_seconds:g} s window"
             )
         selected = self._select(names)
+        empty = [n for n, url in selected.items() if not str(url or "").strip()]
+        if empty:
+            raise InvalidInput(f"health endpoints {empty} have no URL")
+        return selected
+
+    def probe(self, failures_required: int = 2, window_seconds: float = 60, interval_seconds: float | None = None,
+              names: list[str] | None = None, until: Literal["decided", "healthy", "window"] = "decided"
+              ) -> HealthEvidence:
+        """Probe every endpoint every ``interval_seconds`` for at most ``window_seconds``.
+
+        An endpoint's outage is confirmed by ``failures_required`` consecutive failures inside the
+        window; it is healthy when its latest ``failures_required`` probes succeeded. The endpoints
+        of a round are probed concurrently and rounds start only inside the window, so the session
+        lasts at most the window plus one probe timeout. It ends when the window closes, or earlier: with ``until="decided"`` (detecting an outage) as
+        soon as every endpoint has ``failures_required`` agreeing probes in a row (down or up); with
+        ``until="healthy"`` (verifying a recovery) as soon as every endpoint is healthy.
+
+        Args:
+            failures_required: consecutive failures that make an outage (>= 1).
+            window_seconds: the longest the session lasts.
+            interval_seconds: time between rounds; default spreads ``failures_required`` rounds over the window.
+            names: a subset of the endpoints; all by default.
+            until: 'decided', 'healthy' or 'window' (probe for the whole window).
+        """
+        if until not in ("decided", "healthy", "window"):
+            raise InvalidInput(f"until {until!r} is not 'decided', 'healthy' or 'window'")
+        selected = self.check_settings(failures_required, window_seconds, interval_seconds, names)
+        interval = interval_seconds if interval_seconds is not None else window_seconds / failures_required
         evidence = HealthEvidence(target=self.region or ", ".join(sorted(selected)), failures_required=failures_required,
                                   window_seconds=window_seconds, interval_seconds=interval, started_at=_now(),
                                   endpoints=[EndpointEvidence(n, u, failures_required=failures_required)
                                              for n, u in selected.items()])
         started = time.monotonic()
+        window_end = started + window_seconds + 1e-6
         rounds = int(window_seconds / interval + 1e-6) + 1  # rounds at 0, interval, ... up to the window's end
-        with self._client() as http:
+        pool = ThreadPoolExecutor(max_workers=min(32, 2 * len(selected)), thread_name_prefix="health-probe")
+        try:
             for number in range(rounds):
-                time.sleep(max(0.0, started + number * interval - time.monotonic()))
-                for endpoint in evidence.endpoints:
-                    endpoint.probes.append(self._probe(http, endpoint.url))
+                start = max(started + number * interval, time.monotonic())
+                if number and start > window_end:
+                    break  # slow rounds used the window up
+                time.sleep(max(0.0, start - time.monotonic()))
+                probes = self._probe_round(pool, [e.url for e in evidence.endpoints])
+                for endpoint, probe in zip(evidence.endpoints, probes, strict=True):
+                    endpoint.probes.append(probe)
                 if until == "decided" and all(e.decided for e in evidence.endpoints):
                     break
                 if until == "healthy" and all(e.healthy and e.decided for e in evidence.endpoints):
                     break
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
         evidence.ended_at = _now()
         return evidence
 
@@ -270,7 +326,7 @@ class HealthEndpoints(Block):
         chosen = self._select([name] if name else None)
         endpoint, url = next(iter(chosen.items()))
         with self._client() as http:
-            probes = [self._probe(http, url) for _ in range(samples)]
+            probes = [self._probe(url, http) for _ in range(samples)]
         good = [p.latency_ms for p in probes if p.ok]
         return LatencyResult(endpoint, url, samples, sum(1 for p in probes if not p.ok), percentile(good, 50),
                              percentile(good, 95), max(good) if good else None)

@@ -10,6 +10,7 @@ server that ignores selectors cannot widen what a verb touches.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import time
@@ -28,11 +29,12 @@ from blocks.errors import InvalidInput, RecoveryError
 
 REVISION = "deployment.kubernetes.io/revision"
 CHANGE_CAUSE = "kubernetes.io/change-cause"
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 HASH_LABEL = "pod-template-hash"
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 # Deployment annotations a rollback keeps from the deployment instead of taking from the ReplicaSet (as kubectl).
 ANNOTATIONS_TO_SKIP = {
-    "kubectl.kubernetes.io/last-applied-configuration",
+    LAST_APPLIED,
     REVISION,
     "deployment.kubernetes.io/revision-history",
     "deployment.kubernetes.io/desired-replicas",
@@ -65,7 +67,20 @@ DUMPABLE = {
 
 
 class KubernetesError(RecoveryError):
-    """The Kubernetes API refused or failed an operation."""
+    """The Kubernetes API refused or failed an operation.
+
+    ``http_status`` is the API server's HTTP status, or None when no answer came.
+    """
+
+    http_status: int | None = None
+
+    def with_status(self, status: int | None) -> "KubernetesError":
+        self.http_status = status
+        return self
+
+    @property
+    def status_text(self) -> str:
+        return f"HTTP {self.http_status}" if self.http_status else "no answer from the API server"
 
 
 class KubernetesUnavailable(KubernetesError):
@@ -76,6 +91,10 @@ class KubernetesUnavailable(KubernetesError):
 
 class NotFound(KubernetesError):
     """The object does not exist."""
+
+
+class Conflict(KubernetesError):
+    """HTTP 409: a create met an object of the same name, or an update met a newer version."""
 
 
 class RolloutNotReady(KubernetesError):
@@ -164,6 +183,43 @@ def _template_without_hash(template: dict) -> dict:
     return clean
 
 
+def template_digest(template: dict) -> str:
+    """A stable short digest of a pod template (the pod-template-hash label left out).
+
+    A deployment and the ReplicaSet holding the same template have the same digest, whatever
+    revision number the ReplicaSet carries.
+    """
+    text = json.dumps(_template_without_hash(template), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _contains(stored: Any, wanted: Any) -> bool:
+    """Whether ``stored`` holds everything ``wanted`` does (the server may add defaults)."""
+    if isinstance(wanted, dict):
+        return isinstance(stored, dict) and all(k in stored and _contains(stored[k], v) for k, v in wanted.items())
+    if isinstance(wanted, list):
+        return isinstance(stored, list) and len(stored) == len(wanted) and all(
+            _contains(a, b) for a, b in zip(stored, wanted, strict=True))
+    return stored == wanted
+
+
+def _redact_secret(secret: dict) -> dict:
+    """A Secret with its values replaced by ``"<redacted>"`` and kubectl's last-applied copy dropped.
+
+    ``kubectl apply`` stores the whole manifest, values included, in an annotation.
+    """
+    secret = dict(secret)
+    for section in ("data", "stringData"):
+        if secret.get(section):
+            secret[section] = {key: "<redacted>" for key in secret[section]}
+    meta = dict(secret.get("metadata") or {})
+    if LAST_APPLIED in (meta.get("annotations") or {}):
+        meta["annotations"] = {k: v for k, v in meta["annotations"].items() if k != LAST_APPLIED}
+    meta.pop("managedFields", None)
+    secret["metadata"] = meta
+    return secret
+
+
 # ---------------------------------------------------------------------- results as data
 
 
@@ -222,10 +278,13 @@ class RollbackPlan:
     replicaset: str
     template: dict = field(repr=False)
     annotations: dict[str, str] = field(repr=False)
+    from_digest: str = ""
+    to_digest: str = ""
 
     @property
     def noop(self) -> bool:
-        return self.from_revision == self.to_revision
+        """The deployment already runs the target template (compared by content, not revision number)."""
+        return self.from_digest == self.to_digest if self.from_digest else self.from_revision == self.to_revision
 
     def describe(self) -> str:
         return (f"deployment {self.name}: image {', '.join(self.from_images)} -> {', '.join(self.to_images)}, "
@@ -306,7 +365,10 @@ class KubernetesTarget(Block):
         if self.token is not None:
             cfg.api_key = {"authorization": self.token.get_secret_value()}
             cfg.api_key_prefix = {"authorization": "Bearer"}
-        cfg.retries = 1
+        # Reads may be resent once; a write never is (a resent create would answer 409 for an object it made),
+        # except when the connection could not be opened and so nothing was sent.
+        cfg.retries = urllib3.Retry(total=1, connect=1, read=1, status=0, other=0, redirect=0,
+                                    allowed_methods=frozenset({"GET", "HEAD"}))
         return cfg
 
     @contextmanager
@@ -327,14 +389,26 @@ class KubernetesTarget(Block):
         except ApiException as exc:
             reason = self._reason(exc)
             if exc.status == 404:
-                raise NotFound(f"{what}: not found in namespace {self.namespace!r} on {self.api_server}") from exc
+                raise NotFound(f"{what}: not found in namespace {self.namespace!r} on {self.api_server}"
+                               ).with_status(404) from exc
+            if exc.status == 409:
+                raise Conflict(f"{what}: HTTP 409 from {self.api_server}: {reason}").with_status(409) from exc
             if exc.status in (429,) or (exc.status or 0) >= 500:
-                raise KubernetesUnavailable(f"{what}: HTTP {exc.status} from {self.api_server}: {reason}") from exc
-            raise KubernetesError(f"{what}: HTTP {exc.status} from {self.api_server}: {reason}") from exc
+                raise KubernetesUnavailable(f"{what}: HTTP {exc.status} from {self.api_server}: {reason}"
+                                            ).with_status(exc.status) from exc
+            raise KubernetesError(f"{what}: HTTP {exc.status} from {self.api_server}: {reason}"
+                                  ).with_status(exc.status) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise KubernetesUnavailable(f"{what}: {self.api_server} unreachable: {type(exc).__name__}") from exc
         data = response.data
-        return json.loads(data) if data else {}
+        if not data:
+            return {}
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise KubernetesError(
+                f"{what}: {self.api_server} answered HTTP {response.status} with a body that is not JSON "
+                f"({len(data)} bytes); is api_server the Kubernetes API?").with_status(response.status) from exc
 
     @staticmethod
     def _reason(exc: ApiException) -> str:
@@ -459,14 +533,18 @@ class KubernetesTarget(Block):
             ))
         return sorted(history, key=lambda r: r.revision)
 
-    def plan_rollback(self, name: str, to_revision: int | None = None) -> RollbackPlan:
+    def plan_rollback(self, name: str, to_revision: int | None = None, replicaset: str | None = None) -> RollbackPlan:
         """Work out ``rollout undo`` without changing anything; refuses when there is nothing to go back to.
 
-        ``to_revision`` None (or 0) means the previous revision, as kubectl.
+        ``to_revision`` None (or 0) means the previous revision, as kubectl. ``replicaset`` names the
+        target by its ReplicaSet instead: the name stays when a rollback renumbers the revision, so
+        a repeated call finds the same target (and ``plan.noop`` once the deployment runs it).
         """
         self._managed(name)
         if to_revision is not None and (not isinstance(to_revision, int) or to_revision < 0):
             raise InvalidInput(f"to_revision {to_revision!r} must be a positive revision number")
+        if to_revision and replicaset:
+            raise InvalidInput(f"give to_revision ({to_revision}) or replicaset ({replicaset!r}), not both")
         dep = self.get_deployment(name)
         spec = dep.get("spec") or {}
         if spec.get("paused"):
@@ -474,11 +552,18 @@ class KubernetesTarget(Block):
         replicasets = self._owned_replicasets(dep)
         by_revision = {self._revision_of(rs): rs for rs in replicasets if self._revision_of(rs) > 0}
         current = self._revision_of(dep) or max(by_revision, default=0)
-        if to_revision:
+        current_digest = template_digest(spec.get("template") or {})
+        if replicaset:
+            rs = next((r for r in replicasets if (r.get("metadata") or {}).get("name") == replicaset), None)
+            if rs is None:
+                known = ", ".join(sorted((r.get("metadata") or {}).get("name", "") for r in replicasets)) or "none"
+                raise InvalidInput(f"deployment {name!r} owns no ReplicaSet {replicaset!r}; ReplicaSets: {known}")
+            target = self._revision_of(rs)
+        elif to_revision:
             if to_revision not in by_revision:
                 known = ", ".join(str(r) for r in sorted(by_revision)) or "none"
                 raise InvalidInput(f"deployment {name!r} has no revision {to_revision}; revisions: {known}")
-            target = to_revision
+            target, rs = to_revision, by_revision[to_revision]
         else:
             previous = [r for r in by_revision if r < current]
             if not previous:
@@ -486,31 +571,40 @@ class KubernetesTarget(Block):
                     f"deployment {name!r} has no previous revision to roll back to (current revision {current or 'none'})"
                 )
             target = max(previous)
-        rs = by_revision[target]
+            rs = by_revision[target]
         template = _template_without_hash((rs.get("spec") or {}).get("template") or {})
         annotations = {k: v for k, v in ((dep["metadata"].get("annotations") or {}).items()) if k in ANNOTATIONS_TO_SKIP}
         annotations.update({k: v for k, v in ((rs["metadata"].get("annotations") or {}).items())
                             if k not in ANNOTATIONS_TO_SKIP})
-        same = _template_without_hash(spec.get("template") or {}) == template
+        to_digest = template_digest(template)
         return RollbackPlan(
-            name=name, from_revision=current, to_revision=current if same else target,
+            name=name, from_revision=current, to_revision=current if to_digest == current_digest else target,
             from_images=_images(spec.get("template") or {}), to_images=_images(template),
             replicaset=rs["metadata"].get("name", ""), template=template, annotations=annotations,
+            from_digest=current_digest, to_digest=to_digest,
         )
 
-    def rollout_undo(self, name: str, to_revision: int | None = None) -> RollbackPlan:
+    def rollout_undo(self, name: str, to_revision: int | None = None, replicaset: str | None = None,
+                     annotations: dict[str, str] | None = None) -> RollbackPlan:
         """Roll ``name`` back to ``to_revision`` (default: the previous one) as ``kubectl rollout undo`` does.
 
-        The ReplicaSet of that revision is found by its ``deployment.kubernetes.io/revision``
-        annotation; its pod template (without the pod-template-hash label) replaces the
-        deployment's, and its annotations replace the deployment's, in one JSON patch. When the
-        deployment already runs that template nothing is sent (``plan.noop``).
+        The ReplicaSet of that revision (or the one named ``replicaset``) is found; its pod template
+        (without the pod-template-hash label) replaces the deployment's, and its annotations
+        replace the deployment's, in one JSON patch. ``annotations`` are written in the same patch,
+        so a marker of the rollback lands together with it or not at all. When the deployment
+        already runs that template (same content, whatever its revision number) nothing is sent
+        but missing ``annotations`` (``plan.noop``): repeating the call is safe.
         """
-        plan = self.plan_rollback(name, to_revision)
+        extra = {str(k): str(v) for k, v in (annotations or {}).items()}
+        plan = self.plan_rollback(name, to_revision, replicaset)
         if plan.noop:
+            present = (self.get_deployment(name).get("metadata") or {}).get("annotations") or {}
+            missing = {k: v for k, v in extra.items() if present.get(k) != v}
+            if missing:
+                self.annotate_deployment(name, missing)
             return plan
         patch = [{"op": "replace", "path": "/spec/template", "value": plan.template},
-                 {"op": "replace", "path": "/metadata/annotations", "value": plan.annotations}]
+                 {"op": "replace", "path": "/metadata/annotations", "value": {**plan.annotations, **extra}}]
         with self.client() as api:
             self._call(api, "AppsV1Api", "patch_namespaced_deployment", name, self.namespace, patch,
                        _content_type=JSON_PATCH, what=f"roll back deployment {name}")
@@ -534,7 +628,9 @@ class KubernetesTarget(Block):
         updated, ready = int(status.get("updatedReplicas") or 0), int(status.get("readyReplicas") or 0)
         available, total = int(status.get("availableReplicas") or 0), int(status.get("replicas") or 0)
         progressing = next((c for c in status.get("conditions") or [] if c.get("type") == "Progressing"), {})
-        failed = progressing.get("reason") == "ProgressDeadlineExceeded"
+        # As kubectl: the progress deadline counts only once the controller has seen the latest spec;
+        # right after a change the condition still describes the rollout before it.
+        failed = observed >= generation and progressing.get("reason") == "ProgressDeadlineExceeded"
         if observed < generation:
             message = f"waiting for the deployment spec update to be observed (generation {generation}, observed {observed})"
         elif failed:
@@ -671,8 +767,13 @@ class KubernetesTarget(Block):
         with self.client() as api:
             existing = self.get_network_policy(name)
             if existing is None:
-                return self._call(api, "NetworkingV1Api", "create_namespaced_network_policy", self.namespace, body,
-                                  what=f"create network policy {name}")
+                try:
+                    return self._call(api, "NetworkingV1Api", "create_namespaced_network_policy", self.namespace,
+                                      body, what=f"create network policy {name}")
+                except Conflict:
+                    existing = self.get_network_policy(name)  # created meanwhile: compare and replace below
+                    if existing is None:
+                        raise
             if existing.get("spec") == spec and (existing.get("metadata") or {}).get("labels") == meta_labels:
                 return existing
             patch = [{"op": "replace" if "spec" in existing else "add", "path": "/spec", "value": spec},
@@ -727,9 +828,7 @@ class KubernetesTarget(Block):
                     obj.setdefault("kind", singular)
                     obj.setdefault("apiVersion", listing.get("apiVersion"))
                     if kind == "secrets":
-                        for section in ("data", "stringData"):
-                            if obj.get(section):
-                                obj[section] = {key: "<redacted>" for key in obj[section]}
+                        obj = _redact_secret(obj)
                     objects.append(obj)
         return sorted(objects, key=lambda o: (o.get("kind") or "", (o.get("metadata") or {}).get("name") or ""))
 
@@ -771,22 +870,34 @@ class KubernetesTarget(Block):
             raise InvalidInput(f"secret key {key!r} is not a valid data key")
         plain = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
         encoded = base64.b64encode(plain.encode()).decode()
-        with self.client() as api:
+        # Errors are raised again without their cause: the API server's answer may echo the request body.
+        def update() -> None:
             try:
                 self._call(api, "CoreV1Api", "patch_namespaced_secret", name, self.namespace,
                            {"data": {key: encoded}}, _content_type=MERGE_PATCH, what=f"update secret {name}")
+            except NotFound:
+                raise
+            except KubernetesError as exc:
+                raise type(exc)(f"updating key {key!r} of secret {name!r} in namespace {self.namespace!r} failed: "
+                                f"{exc.status_text}").with_status(exc.http_status) from None
+
+        with self.client() as api:
+            try:
+                update()
                 return False
             except NotFound:
                 pass
-            except KubernetesError as exc:
-                raise type(exc)(f"updating key {key!r} of secret {name!r} failed") from None
             body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
                     "metadata": {"name": name, "namespace": self.namespace}, "data": {key: encoded}}
             try:
                 self._call(api, "CoreV1Api", "create_namespaced_secret", self.namespace, body,
                            what=f"create secret {name}")
+            except Conflict:
+                update()  # created meanwhile (or by a first attempt whose answer was lost): set the key
+                return False
             except KubernetesError as exc:
-                raise type(exc)(f"creating secret {name!r} failed") from None
+                raise type(exc)(f"creating secret {name!r} in namespace {self.namespace!r} failed: "
+                                f"{exc.status_text}").with_status(exc.http_status) from None
         return True
 
     def read_config(self, name: str) -> dict[str, str]:
@@ -810,10 +921,13 @@ class KubernetesTarget(Block):
         except InvalidInput:
             body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": self.namespace},
                     "data": {key: str(value)}}
-            with self.client() as api:
-                self._call(api, "CoreV1Api", "create_namespaced_config_map", self.namespace, body,
-                           what=f"create config map {name}")
-            return None
+            try:
+                with self.client() as api:
+                    self._call(api, "CoreV1Api", "create_namespaced_config_map", self.namespace, body,
+                               what=f"create config map {name}")
+                return None
+            except Conflict:
+                previous = self.read_config(name).get(key)
         if previous != value:
             with self.client() as api:
                 self._call(api, "CoreV1Api", "patch_namespaced_config_map", name, self.namespace,
@@ -823,20 +937,35 @@ class KubernetesTarget(Block):
     # ------------------------------------------------------------------ generic
 
     def create_object(self, body: dict) -> dict:
-        """Create a Deployment, Job, Service, ConfigMap, Secret or NetworkPolicy from its manifest."""
+        """Create a Deployment, Job, Service, ConfigMap, Secret or NetworkPolicy from its manifest.
+
+        An object of that name that already holds everything the manifest says (the server may
+        have added defaults) is returned as it is, so a repeated create is not an error; one that
+        differs is refused with KubernetesError (HTTP 409), naming it.
+        """
         kind = body.get("kind")
-        creators = {"Deployment": ("AppsV1Api", "create_namespaced_deployment"),
-                    "Job": ("BatchV1Api", "create_namespaced_job"),
-                    "Service": ("CoreV1Api", "create_namespaced_service"),
-                    "ConfigMap": ("CoreV1Api", "create_namespaced_config_map"),
-                    "Secret": ("CoreV1Api", "create_namespaced_secret"),
-                    "NetworkPolicy": ("NetworkingV1Api", "create_namespaced_network_policy")}
-        if kind not in creators:
-            raise InvalidInput(f"cannot create kind {kind!r}; known: {', '.join(sorted(creators))}")
-        group, method = creators[kind]
+        verbs = {"Deployment": ("AppsV1Api", "deployment"), "Job": ("BatchV1Api", "job"),
+                 "Service": ("CoreV1Api", "service"), "ConfigMap": ("CoreV1Api", "config_map"),
+                 "Secret": ("CoreV1Api", "secret"), "NetworkPolicy": ("NetworkingV1Api", "network_policy")}
+        if kind not in verbs:
+            raise InvalidInput(f"cannot create kind {kind!r}; known: {', '.join(sorted(verbs))}")
+        group, noun = verbs[kind]
+        name = (body.get("metadata") or {}).get("name")
+        self._check_name(kind, name)
         with self.client() as api:
-            return self._call(api, group, method, self.namespace, body,
-                              what=f"create {kind} {(body.get('metadata') or {}).get('name')}")
+            try:
+                return self._call(api, group, f"create_namespaced_{noun}", self.namespace, body,
+                                  what=f"create {kind} {name}")
+            except Conflict as exc:
+                stored = self._call(api, group, f"read_namespaced_{noun}", name, self.namespace,
+                                    what=f"{kind} {name}")
+                wanted = {k: v for k, v in body.items() if k not in ("apiVersion", "kind", "metadata", "status")}
+                wanted["metadata"] = {k: v for k, v in (body.get("metadata") or {}).items()
+                                      if k in ("labels", "annotations")}
+                if _contains(stored, wanted):
+                    return stored
+                raise KubernetesError(f"{kind} {name!r} already exists in namespace {self.namespace!r} "
+                                      "and differs from the manifest").with_status(409) from exc
 
     def patch_deployment(self, name: str, patch: dict) -> dict:
         """Apply a JSON merge patch to deployment ``name`` (e.g. a new image on its template)."""

@@ -15,7 +15,7 @@ Runbook (continuity plan: "Application Deployment Rollback"):
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Literal
 
 from prefect import flow, get_run_logger, runtime
@@ -24,13 +24,12 @@ from prefect.states import Cancelled, Completed, Failed, State
 from blocks import CheckResult, RecoveryObjectives
 from blocks.errors import InvalidInput
 from blocks.health import HealthEndpoints
-from blocks.kubernetes import KubernetesTarget, RollbackPlan, RolloutNotReady
+from blocks.kubernetes import KubernetesTarget, RollbackPlan, RolloutNotReady, template_digest
 from tasks.approval import auto_approval, check_approval_settings, request_approval
 from tasks.estate import load_block
 from tasks.evidence import ApprovalRecord, RecoveryReport, publish_evidence, utcnow
 from tasks.health import probe_health
 from tasks.kubernetes import (
-    annotate_deployment,
     list_deployment_pods,
     plan_rollback,
     read_deployment,
@@ -44,6 +43,9 @@ from tasks.locks import recovery_lock
 SCENARIO = "app-rollback"
 INCIDENT_ANNOTATION = "dr-pipelines.io/rollback-incident"
 FROM_ANNOTATION = "dr-pipelines.io/rolled-back-from"
+# Digests of the pod templates a rollback went from and to (blocks.kubernetes.template_digest).
+FROM_TEMPLATE_ANNOTATION = "dr-pipelines.io/rolled-back-from-template"
+RESTORED_TEMPLATE_ANNOTATION = "dr-pipelines.io/restored-template"
 INCIDENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RollbackApproval = Literal["none", "required", "auto"]
 
@@ -59,9 +61,10 @@ def _refuse_bad_input(detected: datetime, started: datetime, to_revision: int | 
         raise InvalidInput(f"to_revision {to_revision} must be a revision number >= 1 (or empty for the previous one)")
     if not 0 < rollout_timeout <= 3600:
         raise InvalidInput(f"rollout timeout {rollout_timeout} s: expected 0 < timeout <= 3600")
-    if failures_required < 1 or not 0 < interval <= window <= 3600:
+    if failures_required < 1 or not 0 < interval <= window <= 3600 or (failures_required - 1) * interval > window:
         raise InvalidInput(f"health check: {failures_required} consecutive results, interval {interval} s, window "
-                           f"{window} s: expected at least 1 result and 0 < interval <= window <= 3600")
+                           f"{window} s: expected at least 1 result, 0 < interval <= window <= 3600 and "
+                           f"(results - 1) x interval <= window")
     if policy not in ("none", "required", "auto"):
         raise InvalidInput(f"approval policy {policy!r} is not 'none', 'required' or 'auto'")
     if policy != "none":
@@ -81,6 +84,45 @@ def _health_endpoints(health_block: str | None, health_urls: list[str] | None) -
             raise InvalidInput(f"health URLs {bad} are not http(s) URLs")
         return HealthEndpoints(endpoints={f"url-{i + 1}": u for i, u in enumerate(health_urls)})
     return None
+
+
+def _annotations(dep: dict) -> dict[str, str]:
+    return (dep.get("metadata") or {}).get("annotations") or {}
+
+
+def _incident_id(dep: dict, deployment: str, given: str | None) -> str:
+    """The incident a run is about: the one given; else the one whose rollback the deployment still runs;
+    else one named after the deployment and the template it runs now (the failed release), so every
+    run for the same failed release gets the same id."""
+    if given:
+        return given
+    annotations = _annotations(dep)
+    running = template_digest((dep.get("spec") or {}).get("template") or {})
+    if annotations.get(INCIDENT_ANNOTATION) and annotations.get(RESTORED_TEMPLATE_ANNOTATION) == running:
+        return annotations[INCIDENT_ANNOTATION]
+    return f"{deployment[:100]}-{running}"
+
+
+def _rolled_back_for(dep: dict, incident: str) -> bool:
+    """Whether an earlier run of ``incident`` rolled the deployment back and it still runs what that run restored
+    (the same release deployed again after the rollback is a new failure to roll back)."""
+    annotations = _annotations(dep)
+    if annotations.get(INCIDENT_ANNOTATION) != incident:
+        return False
+    restored = annotations.get(RESTORED_TEMPLATE_ANNOTATION)
+    return restored is None or restored == template_digest((dep.get("spec") or {}).get("template") or {})
+
+
+def _refuse_roll_forward(dep: dict, plan: RollbackPlan, to_revision: int | None) -> None:
+    """Refuse to go 'back' to the release an earlier rollback went away from (``kubectl rollout undo`` toggles)."""
+    annotations = _annotations(dep)
+    if (to_revision is None and annotations.get(FROM_TEMPLATE_ANNOTATION) == plan.to_digest
+            and annotations.get(RESTORED_TEMPLATE_ANNOTATION) == plan.from_digest):
+        raise InvalidInput(
+            f"deployment {plan.name!r} was rolled back from {', '.join(plan.to_images)} by incident "
+            f"{annotations.get(INCIDENT_ANNOTATION)!r}; its previous revision is that failed release. Give "
+            f"incident_id {annotations.get(INCIDENT_ANNOTATION)!r} to verify that rollback again, or to_revision "
+            "to choose a revision")
 
 
 def _preview(report: RecoveryReport, plan: RollbackPlan, target: KubernetesTarget) -> str:
@@ -124,7 +166,8 @@ def app_rollback(
         kubernetes_block: name of the KubernetesTarget block (cluster and namespace of the deployment).
         deployment: the deployment whose rollout failed.
         to_revision: revision to return to; empty for the previous one (as ``kubectl rollout undo``).
-        incident_detected_at: when the failure was detected (tz-aware); the RTO counts from it. Default: now.
+        incident_detected_at: when the failure was detected (tz-aware); the RTO counts from it. Default: the
+            start of this run.
         health_block: name of a HealthEndpoints block of the service.
         health_urls: health URLs of the service, instead of a block.
         health_consecutive_required: consecutive successful probes that make the service healthy.
@@ -140,7 +183,9 @@ def app_rollback(
         drill: this run is a drill (the only case where 'auto' approval is allowed).
         objectives_block: name of the RecoveryObjectives block (built-in defaults when 'default' is absent).
         business_function: which objective applies.
-        incident_id: identifies the incident; a re-run with the same id does not roll back twice.
+        incident_id: identifies the incident; a re-run with the same id does not roll back twice. Default:
+            the deployment and a digest of the failed release's pod template (stable across re-runs; a re-run
+            after the rollback finds the incident on the deployment).
         lock_wait_seconds: how long to wait for another recovery of the same deployment to finish.
     """
     approvers = list(allowed_approvers or [])
@@ -167,13 +212,16 @@ def app_rollback(
             if approval_policy == "auto" and target.environment == "production":
                 raise InvalidInput(f"approval policy 'auto' is refused for {kubernetes_block!r}: its environment is production")
             health = _health_endpoints(health_block, health_urls)
+            if health is not None:
+                health.check_settings(health_consecutive_required, health_window_seconds, health_interval_seconds)
             # Refused before the lock and before anything changes: a missing deployment or revision,
-            # a deployment without a previous revision, a paused deployment. A re-run of an incident
-            # whose rollback is done goes on to verification.
-            report.incident_id = incident_id or f"{deployment}-{detected.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}"
+            # a deployment without a previous revision, a paused deployment, a 'previous' revision that
+            # is the release an earlier rollback left. A re-run of an incident whose rollback is done
+            # goes on to verification.
             current = read_deployment(target, deployment)
-            if ((current.get("metadata") or {}).get("annotations") or {}).get(INCIDENT_ANNOTATION) != report.incident_id:
-                plan_rollback(target, deployment, to_revision)
+            report.incident_id = _incident_id(current, deployment, incident_id)
+            if not _rolled_back_for(current, report.incident_id):
+                _refuse_roll_forward(current, plan_rollback(target, deployment, to_revision), to_revision)
             step.detail = f"{target.api_server} namespace {target.namespace}; incident {report.incident_id}"
 
         with recovery_lock(f"{kubernetes_block}-{deployment}", lock_wait_seconds, runtime.flow_run.id):
@@ -197,7 +245,8 @@ def _rollback(target: KubernetesTarget, deployment: str, to_revision: int | None
     with report.step("Identify the current deployment") as step:
         status = read_rollout_status(target, deployment)
         history = read_rollout_history(target, deployment)
-        dep_annotations = (read_deployment(target, deployment).get("metadata") or {}).get("annotations") or {}
+        dep = read_deployment(target, deployment)
+        dep_annotations = _annotations(dep)
         report.facts.update({
             "namespace": target.namespace,
             "revision before": status.revision,
@@ -207,7 +256,7 @@ def _rollback(target: KubernetesTarget, deployment: str, to_revision: int | None
         })
         step.detail = f"revision {status.revision}, image {', '.join(status.images)}; {status.message}"
 
-    resumed = dep_annotations.get(INCIDENT_ANNOTATION) == report.incident_id
+    resumed = _rolled_back_for(dep, report.incident_id)
     if resumed:
         with report.step("Resume: rollback already done for this incident") as step:
             report.facts["rolled back from"] = dep_annotations.get(FROM_ANNOTATION, "-")
@@ -222,6 +271,7 @@ def _rollback(target: KubernetesTarget, deployment: str, to_revision: int | None
     else:
         with report.step("Preflight: previous revision") as step:
             plan = plan_rollback(target, deployment, to_revision)
+            _refuse_roll_forward(dep, plan, to_revision)
             if plan.noop:
                 raise InvalidInput(f"deployment {deployment!r} already runs the template of revision "
                                    f"{to_revision or plan.to_revision}; nothing to roll back")
@@ -265,13 +315,17 @@ def _rollback(target: KubernetesTarget, deployment: str, to_revision: int | None
             return Failed(name=name, message=report.summary) if decision is None else Cancelled(name=name, message=report.summary)
 
         with report.step("Roll back (kubectl rollout undo)") as step:
-            done = undo_rollout(target, deployment, plan.to_revision)
-            annotate_deployment(target, deployment, {
+            # The target is named by its ReplicaSet (a rollback renumbers its revision), and the incident
+            # marker goes in the same patch as the rollback: a retry after the patch landed is a no-op,
+            # and a re-run finds the marker exactly when the rollback happened.
+            done = undo_rollout(target, deployment, replicaset=plan.replicaset, annotations={
                 INCIDENT_ANNOTATION: report.incident_id,
-                FROM_ANNOTATION: f"revision {done.from_revision} ({', '.join(done.from_images)})",
+                FROM_ANNOTATION: f"revision {plan.from_revision} ({', '.join(plan.from_images)})",
+                FROM_TEMPLATE_ANNOTATION: plan.from_digest,
+                RESTORED_TEMPLATE_ANNOTATION: plan.to_digest,
             })
-            step.detail = done.describe()
-            report.facts["rollback"] = done.describe()
+            step.detail = plan.describe() if done.noop else done.describe()
+            report.facts["rollback"] = step.detail
 
     with report.step("Wait for the rollout to complete") as step:
         try:

@@ -9,9 +9,11 @@ Blocks saved by :func:`save_blocks` (fixed names, overwritten on every ``dr up``
 * ``HealthEndpoints`` ``sandbox-primary-health``, ``sandbox-dr-health`` (``api`` and ``web`` of each
   region) and ``sandbox-storefront-health``, on the sandbox health server.
 
-The sandbox health server answers what it is told; in the application-rollback drill a watcher
-stands in for the storefront's own ``/health``: it reports healthy exactly while the deployment is
-fully rolled out on an image that works, as the real service's health check would.
+The sandbox health server answers what it is told; in the application-rollback drills a watcher
+stands in for the storefront's own ``/health``: it reports healthy while the deployment is fully
+rolled out on an image that works and the service behind it works (``service_works``). The drill
+``app_rollback_unhealthy_service`` restores the previous image while the service stays broken
+(its database, say): the flow must not call that a recovery.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from datetime import datetime, timezone
 import httpx
 
 from blocks.health import HealthEndpoints
-from blocks.kubernetes import KubernetesTarget, RolloutNotReady
+from blocks.kubernetes import KubernetesError, KubernetesTarget, RolloutNotReady
 from sandbox.drillkit import DrillResult, save_report
 from sandbox.drillkit import check as _check
 
@@ -68,15 +70,16 @@ def _set_health(health_url: str, healthy: bool) -> None:
 class HealthFollowsRollout:
     """Keeps the storefront's health endpoint in step with its deployment until stopped."""
 
-    def __init__(self, target: KubernetesTarget, health_url: str, interval: float = 0.2):
-        self.target, self.health_url, self.interval = target, health_url, interval
+    def __init__(self, target: KubernetesTarget, health_url: str, interval: float = 0.2, service_works: bool = True):
+        self.target, self.health_url, self.interval, self.service_works = target, health_url, interval, service_works
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="storefront-health", daemon=True)
         self.last: bool | None = None
+        self.errors: list[str] = []
 
     def healthy_now(self) -> bool:
         status = self.target.rollout_status(STOREFRONT)
-        return status.complete and not any(":broken" in image for image in status.images)
+        return self.service_works and status.complete and not any(":broken" in image for image in status.images)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -85,8 +88,9 @@ class HealthFollowsRollout:
                 if healthy != self.last:
                     _set_health(self.health_url, healthy)
                     self.last = healthy
-            except Exception:  # the API or the health server restarting: try again next tick
+            except (httpx.HTTPError, KubernetesError) as exc:  # the API or the health server restarting
                 self.last = None
+                self.errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
             self._stop.wait(self.interval)
 
     def __enter__(self) -> HealthFollowsRollout:
@@ -111,6 +115,16 @@ def _seed_good_storefront(target: KubernetesTarget) -> None:
 
 def app_rollback(rows: int = 0) -> DrillResult:
     """Roll a broken storefront release out on the sandbox, then let the rollback flow restore the service."""
+    return _rollback_drill(service_works=True)
+
+
+def app_rollback_unhealthy_service(rows: int = 0) -> DrillResult:
+    """A broken release whose rollback restores the previous image but not the service: the flow must
+    end ``HealthCheckFailed`` (pods up on the previous image, health endpoint failing), not RolledBack."""
+    return _rollback_drill(service_works=False)
+
+
+def _rollback_drill(service_works: bool) -> DrillResult:
     from flows.app_rollback import app_rollback as rollback_flow
     from sandbox import estate
     from sandbox.services import endpoints
@@ -122,7 +136,7 @@ def app_rollback(rows: int = 0) -> DrillResult:
     health = HealthEndpoints.load(STOREFRONT_HEALTH)
     _seed_good_storefront(target)
     checks = []
-    with HealthFollowsRollout(target, ep.health_url) as follower:
+    with HealthFollowsRollout(target, ep.health_url, service_works=service_works) as follower:
         # The fault: a release whose pods never become ready.
         target.set_image(STOREFRONT, "app", BROKEN_IMAGE)
         try:
@@ -138,8 +152,9 @@ def app_rollback(rows: int = 0) -> DrillResult:
 
         state = rollback_flow(
             kubernetes_block=APPS_BLOCK, deployment=STOREFRONT, incident_detected_at=detected,
-            health_block=STOREFRONT_HEALTH, health_window_seconds=30, health_interval_seconds=1,
-            rollout_timeout_seconds=60, approval_policy="auto", drill=True, return_state=True,
+            health_block=STOREFRONT_HEALTH, health_window_seconds=30 if service_works else 6,
+            health_interval_seconds=1, rollout_timeout_seconds=60, approval_policy="auto", drill=True,
+            return_state=True,
         )
         flow_run_id = str(state.state_details.flow_run_id)
         report = load_report(flow_run_id)
@@ -147,20 +162,32 @@ def app_rollback(rows: int = 0) -> DrillResult:
         status = target.rollout_status(STOREFRONT)
         pods = target.deployment_pods(STOREFRONT)
         time.sleep(2 * follower.interval)
-        up = health.probe_once()[STOREFRONT]
+        after = health.probe_once()[STOREFRONT]
 
     checks += [
-        _check("flow outcome", report.outcome == "RolledBack", f"{state.name}: {report.summary}"),
+        _check("flow outcome", report.outcome == ("RolledBack" if service_works else "HealthCheckFailed"),
+               f"{state.name}: {report.summary}"),
         _check("previous image restored", status.complete and status.images == [GOOD_IMAGE],
                f"revision {status.revision}, images {status.images}: {status.message}"),
         _check("pods running the previous image",
                len(pods) == 2 and all(p["phase"] == "Running" and p["ready"] and p["images"] == [GOOD_IMAGE] for p in pods),
                ", ".join(f"{p['name']} {p['phase']} {p['images']}" for p in pods)),
-        _check("health endpoint 200", up.ok, f"{up.status} in {up.latency_ms} ms"),
-        _check("RTO within objective", bool(report.rto_met), f"{report.rto_seconds} s of {report.rto_objective_seconds} s"),
     ]
+    if service_works:
+        checks += [
+            _check("health endpoint 200", after.ok, f"{after.status} in {after.latency_ms} ms"),
+            _check("RTO within objective", bool(report.rto_met),
+                   f"{report.rto_seconds} s of {report.rto_objective_seconds} s"),
+        ]
+    else:
+        checks += [
+            _check("health endpoint still failing, and reported", not after.ok and any(
+                c.name == "health endpoints" and not c.passed for c in report.checks), f"{after.status}"),
+            _check("no recovery claimed", report.service_restored_at is None and report.rto_seconds is None,
+                   f"service restored at {report.service_restored_at}"),
+        ]
     return DrillResult(
-        scenario="app-rollback",
+        scenario="app-rollback" if service_works else "app-rollback-unhealthy-service",
         passed=all(c["passed"] for c in checks),
         rto_seconds=report.rto_seconds,
         rto_objective_seconds=report.rto_objective_seconds,
@@ -171,5 +198,6 @@ def app_rollback(rows: int = 0) -> DrillResult:
         report=str(report_path),
         ui_url=f"{info.ui_url}/runs/flow-run/{flow_run_id}",
         checks=checks,
-        extra={"from_image": BROKEN_IMAGE, "to_image": GOOD_IMAGE, "revision": status.revision},
+        extra={"from_image": BROKEN_IMAGE, "to_image": GOOD_IMAGE, "revision": status.revision,
+               "health_watcher_errors": len(follower.errors), "health_watcher_last_error": follower.errors[-1:]},
     )

@@ -10,7 +10,7 @@ import time
 from datetime import datetime, timezone
 
 from blocks import PostgresCluster, VerificationQuery
-from sandbox import drill_apps, drill_ml, drill_security, drill_storage, estate, pgcluster
+from sandbox import drill_apps, drill_ml, drill_region, drill_security, drill_storage, estate, pgcluster
 from sandbox.drillkit import DrillResult, save_report
 from sandbox.drillkit import check as _check
 from tasks.evidence import load_report
@@ -154,11 +154,28 @@ def model_corruption(rows: int = 100_000) -> DrillResult:
     return drill_ml.model_corruption()
 
 
+def save_assurance_blocks(ep) -> None:
+    """The sandbox's ``BackupSources`` block ``default``, read by the scheduled backup validation."""
+    from blocks.backup_sources import BackupSources, ObjectPrefixSource, PgBackRestSource
+
+    BackupSources(
+        pgbackrest=[PgBackRestSource(cluster_block=estate.CLUSTER_BLOCK)],
+        object_prefixes=[
+            ObjectPrefixSource(kind="qdrant", bucket=drill_ml.QDRANT_BUCKET, prefix="qdrant/", critical=False),
+            ObjectPrefixSource(kind="models", bucket=drill_ml.MODELS_BUCKET, prefix="models/", critical=False),
+        ],
+        aws_credentials=ep.aws_credentials(),
+    ).save("default", overwrite=True)
+
+
 # Every drill `dr drill` knows, in the order `dr drill all` runs them.
 DRILLS = {
+    "regional-outage": drill_region.regional_outage,
+    "db-server-failure": drill_region.db_server_failure,
     "db-corruption": db_corruption,
     "security-breach": drill_security.security_breach,
     "app-rollback": drill_apps.app_rollback,
+    "app-rollback-unhealthy-service": drill_apps.app_rollback_unhealthy_service,
     "object-storage": drill_storage.object_storage,
     "cache": drill_storage.cache,
     "model-corruption": model_corruption,
@@ -166,4 +183,5 @@ DRILLS = {
 }
 
 # Called by `dr up` with the sandbox's service endpoints: each saves the blocks its drills and deployments use.
-BLOCK_SAVERS = [drill_apps.save_blocks, drill_security.save_blocks, drill_storage.save_blocks, drill_ml.save_blocks]
+BLOCK_SAVERS = [drill_apps.save_blocks, drill_security.save_blocks, drill_storage.save_blocks, drill_ml.save_blocks, drill_region.save_blocks,
+                save_assurance_blocks]

@@ -21,7 +21,11 @@ It runs no controllers, so :class:`Controller` below stands in for the kube-cont
   ``replicas == updatedReplicas == readyReplicas == availableReplicas == spec.replicas``;
 * a Job runs ``spec.parallelism`` (default 1) pods until it is suspended or deleted; its status
   reports ``active`` and a ``Suspended`` condition;
-* objects whose owner is gone are garbage collected.
+* objects whose owner is gone are garbage collected;
+* :meth:`Controller.delay_observation` makes the controller see a Deployment's spec changes late:
+  for that many seconds after each change ``metadata.generation`` is ahead of
+  ``status.observedGeneration`` and the status (conditions included) still describes the rollout
+  before the change, as on a busy cluster.
 
 The emulator also answers list requests with ``labelSelector`` / ``fieldSelector=metadata.name=``
 filtered, as a real API server does.
@@ -119,6 +123,15 @@ class Controller:
     _seen_specs: dict[tuple, str] = field(default_factory=dict)
     _rollout_started: dict[tuple, float] = field(default_factory=dict)
     _index: dict[tuple, list[tuple]] = field(default_factory=dict)
+    _observation_delays: dict[tuple[str, str], float] = field(default_factory=dict)
+    _changed_at: dict[tuple, float] = field(default_factory=dict)
+
+    def delay_observation(self, namespace: str, name: str, seconds: float) -> None:
+        """Observe every later spec change of Deployment ``namespace/name`` only ``seconds`` after it (0: at once)."""
+        if seconds > 0:
+            self._observation_delays[namespace, name] = float(seconds)
+        else:
+            self._observation_delays.pop((namespace, name), None)
 
     # -------------------------------------------------------------- store access
 
@@ -197,7 +210,11 @@ class Controller:
         if self._seen_specs.get(key) != spec_digest or generation == 0:
             generation += 1
             self._seen_specs[key] = spec_digest
+            self._changed_at[key] = time.monotonic()
             self._patch(key, {"metadata": {"generation": generation}})
+        delay = self._observation_delays.get((namespace, name), 0.0)
+        if delay and time.monotonic() - self._changed_at.get(key, 0.0) < delay:
+            return  # not observed yet: the API server bumped the generation, the controller has not acted
         desired = int(spec.get("replicas", 1))
         template = spec.get("template") or {}
         want_hash = template_hash(template)

@@ -48,9 +48,14 @@ def plan_rollback(target: KubernetesTarget, deployment: str, to_revision: int | 
 
 
 @task(name="undo-rollout", **policy(timeout_seconds=120))
-def undo_rollout(target: KubernetesTarget, deployment: str, to_revision: int | None = None) -> RollbackPlan:
-    """Roll a deployment back to a revision (default: the previous one), as ``kubectl rollout undo``."""
-    plan = target.rollout_undo(deployment, to_revision)
+def undo_rollout(target: KubernetesTarget, deployment: str, to_revision: int | None = None,
+                 replicaset: str | None = None, annotations: dict[str, str] | None = None) -> RollbackPlan:
+    """Roll a deployment back to a revision (default: the previous one) or ReplicaSet, as ``kubectl rollout undo``.
+
+    ``annotations`` are set in the same patch. Naming the target by ``replicaset`` makes a retry
+    after the patch landed a no-op (the revision number changes with the rollback, the name does not).
+    """
+    plan = target.rollout_undo(deployment, to_revision, replicaset, annotations)
     get_run_logger().info("Rollback %s", plan.describe() if not plan.noop else f"of {deployment}: already at that revision")
     return plan
 

@@ -86,3 +86,79 @@ def seed_job(target: KubernetesTarget, name: str, labels: dict[str, str] | None 
                               "spec": {"restartPolicy": "Never",
                                        "containers": [{"name": "main", "image": image}]}}},
     })
+
+
+class FaultyProxy:
+    """A loopback HTTP proxy in front of the API server that loses answers as a flaky network does.
+
+    ``resend_creates``: every POST is forwarded twice and the second answer returned (a client
+    library resending a create whose first answer was lost). ``lose_rollback_answers``: the first
+    that many JSON patches (``kubectl rollout undo``) are applied, then answered 503.
+    """
+
+    def __init__(self, upstream: str, resend_creates: bool = False, lose_rollback_answers: int = 0):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        import httpx
+
+        from sandbox.paths import free_port
+
+        outer = self
+        self.upstream, self.resend_creates, self.lose = upstream.rstrip("/"), resend_creates, lose_rollback_answers
+        self.seen: list[tuple[str, int]] = []
+        lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                return
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = {k: v for k, v in self.headers.items() if k.lower() in ("content-type", "authorization", "accept")}
+                with httpx.Client(timeout=10) as http:
+                    def send():
+                        return http.request(self.command, outer.upstream + self.path, content=body, headers=headers)
+                    answer = send()
+                    if self.command == "POST" and outer.resend_creates:
+                        answer = send()
+                lost = False
+                if self.command == "PATCH" and "json-patch" in (self.headers.get("Content-Type") or ""):
+                    with lock:
+                        lost, outer.lose = outer.lose > 0, max(0, outer.lose - 1)
+                status, payload = (503, b'{"kind":"Status","code":503,"message":"connection lost"}') if lost \
+                    else (answer.status_code, answer.content)
+                outer.seen.append((self.command, status))
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _forward  # noqa: N815 - http.server's naming
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def faulty_proxy(kube_server):
+    """Start :class:`FaultyProxy` instances in front of the emulator: ``faulty_proxy(resend_creates=True)``."""
+    started = []
+
+    def start(**kwargs) -> FaultyProxy:
+        proxy = FaultyProxy(kube_server.url, **kwargs)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.close()

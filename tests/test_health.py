@@ -155,3 +155,75 @@ def test_verifying_a_recovery_waits_for_consecutive_successes(servers):
     assert evidence.all_healthy and evidence.endpoints[0].outage_confirmed
     with pytest.raises(InvalidInput, match="until"):
         block.probe(until="forever")
+
+
+class TricklingServer:
+    """Answers 200 at once, then sends its body one byte every ``pause`` seconds."""
+
+    def __init__(self, size: int = 200, pause: float = 0.05):
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                return
+
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(size))
+                    self.end_headers()
+                    for _ in range(size):
+                        self.wfile.write(b".")
+                        self.wfile.flush()
+                        time.sleep(pause)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/health"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_trickling_answer_does_not_hold_a_probe_beyond_its_timeout(servers):
+    trickle = TricklingServer(size=200, pause=0.05)  # 10 s for the whole body, each byte well inside the timeout
+    up = servers([200])
+    try:
+        block = HealthEndpoints(endpoints={"trickle": trickle.url, "up": up.url}, timeout_seconds=0.4)
+        started = time.monotonic()
+        evidence = block.probe(failures_required=2, window_seconds=1, interval_seconds=0.3)
+        elapsed = time.monotonic() - started
+    finally:
+        trickle.close()
+    slow, fine = evidence.endpoints
+    assert elapsed < 2.0
+    assert slow.outage_confirmed and all(p.status == 200 and not p.ok for p in slow.probes)
+    assert all(p.latency_ms < 800 for p in slow.probes) and "not complete within 0.4 s" in slow.probes[0].error
+    assert fine.healthy and not fine.outage_confirmed
+
+
+def test_endpoints_are_probed_concurrently_and_rounds_start_inside_the_window(servers):
+    slow = [servers([200], delay=0.4) for _ in range(3)]
+    block = HealthEndpoints(endpoints={f"s{i}": s.url for i, s in enumerate(slow)}, timeout_seconds=1)
+    started = time.monotonic()
+    once = block.probe_once()
+    assert time.monotonic() - started < 0.9 and all(p.ok for p in once.values())
+    # Rounds 0.1 s apart, each taking 0.4 s: only the rounds that start inside the 0.5 s window run.
+    started = time.monotonic()
+    evidence = block.probe(failures_required=2, window_seconds=0.5, interval_seconds=0.1, until="window")
+    elapsed = time.monotonic() - started
+    assert elapsed < 1.6, elapsed
+    assert all(2 <= len(e.probes) <= 3 for e in evidence.endpoints) and evidence.all_healthy
+
+
+def test_settings_are_checked_without_probing(servers):
+    up = servers([200])
+    block = HealthEndpoints(endpoints={"api": up.url, "blank": ""}, timeout_seconds=1)
+    assert block.check_settings(2, 60, 5, names=["api"]) == {"api": up.url}
+    with pytest.raises(InvalidInput, match="do not fit"):
+        block.check_settings(3, 1, 1, names=["api"])
+    with pytest.raises(InvalidInput, match=r"\['blank'\] have no URL"):
+        block.check_settings(2, 60, 5)
+    assert up.hits == 0

@@ -212,3 +212,119 @@ def test_bearer_token_is_sent_and_never_shown(kube):
     assert seen == ["Bearer tok-very-secret"]
     assert not info.value.transient
     assert "tok-very-secret" not in str(info.value) and "tok-very-secret" not in repr(target)
+
+
+def test_undo_by_replicaset_is_a_noop_once_done_and_writes_its_marker_in_the_same_patch(kube):
+    seed_deployment(kube, "web", image="registry.local/web:1.0", images=["registry.local/web:2.0"])
+    kube.set_image("web", "app", "registry.local/web:3.0:broken")
+    plan = kube.plan_rollback("web")
+    assert (plan.from_revision, plan.to_revision, plan.to_images) == (3, 2, ["registry.local/web:2.0"])
+    done = kube.rollout_undo("web", replicaset=plan.replicaset, annotations={"example.org/incident": "inc-1"})
+    dep = kube.get_deployment("web")
+    assert not done.noop and dep["metadata"]["annotations"]["example.org/incident"] == "inc-1"
+    kube.wait_ready("web", timeout=5)
+    generation = kube.rollout_status("web").generation
+    # Repeated (a task retry after the patch landed): the target was renumbered 2 -> 4, yet it is found by name.
+    again = kube.rollout_undo("web", replicaset=plan.replicaset, annotations={"example.org/incident": "inc-1"})
+    status = kube.rollout_status("web")
+    assert again.noop and (again.from_revision, again.to_revision) == (4, 4)
+    assert status.generation == generation and status.images == ["registry.local/web:2.0"] and status.revision == 4
+    with pytest.raises(InvalidInput, match="has no revision 2"):
+        kube.plan_rollback("web", to_revision=2)
+    with pytest.raises(InvalidInput, match="owns no ReplicaSet 'web-nope'"):
+        kube.plan_rollback("web", replicaset="web-nope")
+
+
+def test_wait_ready_does_not_trust_a_progress_deadline_the_controller_has_not_reevaluated(kube, kube_server):
+    seed_deployment(kube, "web", image="registry.local/web:1.0", images=["registry.local/web:2.0"],
+                    progress_deadline_seconds=0)
+    kube.set_image("web", "app", "registry.local/web:3.0:broken")
+    with pytest.raises(RolloutNotReady, match="progress deadline"):
+        kube.wait_ready("web", timeout=5)
+    kube_server.call(kube_server.emulator.controller.delay_observation, kube.namespace, "web", 0.5)
+    kube.rollout_undo("web")
+    stale = kube.rollout_status("web")
+    assert stale.observed_generation < stale.generation and not stale.failed and not stale.complete
+    assert "waiting for the deployment spec update to be observed" in stale.message
+    status = kube.wait_ready("web", timeout=5)
+    assert status.complete and status.images == ["registry.local/web:2.0"]
+
+
+def test_dump_drops_the_last_applied_copy_of_a_secret(kube):
+    import base64
+    import json
+
+    manifest = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": "applied", "labels": {"app": "web"}},
+                "data": {"token": base64.b64encode(b"s3cr3t-applied-value").decode()}}
+    last_applied = json.dumps({**manifest, "stringData": {"token": "s3cr3t-applied-value"}})
+    kube.create_object({**manifest, "metadata": {**manifest["metadata"], "annotations": {
+        "kubectl.kubernetes.io/last-applied-configuration": last_applied, "owner": "team-web"}}})
+    kube.create_object({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg", "annotations": {
+        "kubectl.kubernetes.io/last-applied-configuration": "{}"}}, "data": {"a": "b"}})
+    dump = kube.dump_objects(["secrets", "configmaps"])
+    secret = next(o for o in dump if o["kind"] == "Secret")
+    assert "s3cr3t-applied-value" not in json.dumps(dump) and "czNjcjN0" not in json.dumps(dump)
+    assert secret["data"] == {"token": "<redacted>"} and secret["metadata"]["annotations"] == {"owner": "team-web"}
+    config = next(o for o in dump if o["kind"] == "ConfigMap")
+    assert "kubectl.kubernetes.io/last-applied-configuration" in config["metadata"]["annotations"]
+
+
+def test_a_resent_create_is_not_an_error(kube, faulty_proxy):
+    from blocks.kubernetes import KubernetesError
+
+    proxy = faulty_proxy(resend_creates=True)
+    flaky = kube.model_copy(update={"api_server": proxy.url})
+    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "np"},
+              "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}
+    assert flaky.create_object(policy)["metadata"]["name"] == "np"
+    assert flaky.apply_deny_all("isolate", {"app": "web"})["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert flaky.set_secret_value("creds", "password", "pw-resent") is False
+    assert kube.read_secret_value("creds", "password").get_secret_value() == "pw-resent"
+    assert flaky.set_config("cfg", "MODE", "dr") in (None, "dr") and kube.read_config("cfg") == {"MODE": "dr"}
+    assert ("POST", 409) in proxy.seen
+    with pytest.raises(KubernetesError, match="'np' already exists .* differs") as info:
+        flaky.create_object({**policy, "spec": {"podSelector": {}, "policyTypes": ["Egress"]}})
+    assert info.value.http_status == 409
+
+
+def test_garbled_answers_and_refused_secret_writes_name_the_status(kube):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from blocks.kubernetes import KubernetesError, KubernetesTarget
+    from sandbox.paths import free_port
+
+    class Garbled(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            return
+
+        def _answer(self, status: int, body: bytes, kind: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            self._answer(200, b"<html>login page</html>", "text/html")
+
+        def do_PATCH(self):  # noqa: N802 - http.server's naming
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self._answer(403, b'{"kind":"Status","code":403,"message":"forbidden: echo cGF5bG9hZC1zZWNyZXQ="}',
+                         "application/json")
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Garbled)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        target = KubernetesTarget(api_server=f"http://127.0.0.1:{server.server_address[1]}", namespace="prod")
+        with pytest.raises(KubernetesError, match="HTTP 200 with a body that is not JSON") as garbled:
+            target.get_replicas("web")
+        with pytest.raises(KubernetesError, match="HTTP 403") as refused:
+            target.set_secret_value("db", "password", "payload-secret")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert isinstance(garbled.value.__cause__, ValueError)
+    assert refused.value.http_status == 403 and refused.value.__cause__ is None
+    assert "payload-secret" not in str(refused.value) and "cGF5bG9hZC1zZWNyZXQ=" not in str(refused.value)
