@@ -75,6 +75,17 @@ def status() -> None:
     typer.echo(f"Prefect UI: {info.ui_url}\nprimary DSN: {info.primary_dsn}\nreplica DSN: {info.replica_dsn}")
 
 
+def _drill_notes(extra: dict) -> list[str]:
+    """The scenario-specific figures of a drill worth a line of their own."""
+    notes = []
+    if extra.get("containment_seconds") is not None:
+        notes.append(f"containment (detected -> isolated): {extra['containment_seconds']:.1f}s")
+    if "measured_rpo_rows" in extra:
+        notes.append(f"measured under write load: {extra['measured_rpo_rows']} committed rows missing, "
+                     f"{extra.get('measured_rpo_seconds', 0):.3f}s of commits")
+    return notes
+
+
 @app.command()
 def drill(
     scenario: str = typer.Argument("all", help="Scenario to drill, or 'all'."),
@@ -113,11 +124,14 @@ def drill(
     if as_json:
         typer.echo(json.dumps([r.as_dict() for r in results], indent=2))
     else:
-        typer.echo(f"{'scenario':<16} {'RTO achieved/objective':<26} {'RPO achieved/objective':<26} {'verdict':<8} report")
+        width = max([len("scenario"), *(len(r.scenario) for r in results)])
+        typer.echo(f"{'scenario':<{width}} {'RTO achieved/objective':<26} {'RPO achieved/objective':<26} {'verdict':<8} report")
         for r in results:
             rto = f"{r.rto_seconds:.1f}s / {r.rto_objective_seconds}s" if r.rto_seconds is not None else f"- / {r.rto_objective_seconds}s"
             rpo = f"{r.rpo_seconds:.1f}s / {r.rpo_objective_seconds}s" if r.rpo_seconds is not None else f"- / {r.rpo_objective_seconds}s"
-            typer.echo(f"{r.scenario:<16} {rto:<26} {rpo:<26} {'PASS' if r.passed else 'FAIL':<8} {r.report}")
+            typer.echo(f"{r.scenario:<{width}} {rto:<26} {rpo:<26} {'PASS' if r.passed else 'FAIL':<8} {r.report}")
+            for note in _drill_notes(r.extra):
+                typer.echo(f"    {note}")
             for c in r.checks:
                 if not c["passed"]:
                     typer.echo(f"    failed check: {c['name']}: {c['detail']}")

@@ -35,6 +35,22 @@ def processes_under(root: Path) -> list[str]:
     return found
 
 
+def scheduled_runs(api: str, deployment: str, timeout: float = 90) -> list[dict]:
+    """Scheduled runs the server's scheduler created for ``deployment`` (polled up to ``timeout``)."""
+    import time
+
+    import httpx
+
+    body = {"deployments": {"name": {"any_": [deployment]}},
+            "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}, "limit": 5}
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = httpx.post(f"{api}/flow_runs/filter", json=body, timeout=10).json()
+        if runs or time.monotonic() > deadline:
+            return runs
+        time.sleep(2)
+
+
 @pytest.fixture
 def state_dir():
     root = Path(tempfile.mkdtemp(prefix="dr-sandbox-", dir="/tmp"))
@@ -70,16 +86,29 @@ def test_up_twice_is_harmless_and_down_leaves_no_process(state_dir):
     status = subprocess.run([DR, "status"], env=env, capture_output=True, text=True, timeout=120)
     assert status.returncode == 0 and "Prefect UI" in status.stdout
 
-    for _ in range(2):  # the main job, twice in a row
-        drill = subprocess.run([DR, "drill", "db-corruption", "--json", "--rows", "3000"], env=env,
-                               capture_output=True, text=True, timeout=900)
-        assert drill.returncode == 0, drill.stdout[-3000:] + drill.stderr[-3000:]
-        (result,) = json.loads(drill.stdout)
-        assert result["passed"] and result["scenario"] == "db-corruption"
-        assert {c["name"]: c["passed"] for c in result["checks"]}["rows committed after the target are absent"]
-        for key in ("rto_seconds", "rto_objective_seconds", "rpo_seconds", "rpo_objective_seconds", "flow_run_id"):
-            assert result[key] is not None
-        assert Path(result["report"]).read_text().startswith("# Incident Report: db-corruption")
+    api = f"http://127.0.0.1:{json.loads((root / 'sandbox.json').read_text())['prefect_port']}/api"
+    assert scheduled_runs(api, "backup-validation"), "the scheduler created no run of the weekly backup validation"
+
+    # The main job: every drill, then one again on the estate the others left behind.
+    drill = subprocess.run([DR, "drill", "all", "--json", "--rows", "3000"], env=env,
+                           capture_output=True, text=True, timeout=1200)
+    assert drill.returncode == 0, drill.stdout[-3000:] + drill.stderr[-3000:]
+    results = json.loads(drill.stdout)
+    from sandbox.drills import DRILLS
+
+    assert [r["scenario"] for r in results] == list(DRILLS)
+    for result in results:
+        assert result["passed"], result
+        for key in ("rto_objective_seconds", "rpo_objective_seconds", "flow_run_id", "outcome", "checks"):
+            assert result[key] is not None, (result["scenario"], key)
+        assert Path(result["report"]).read_text().startswith("# Incident Report: "), result
+    again = subprocess.run([DR, "drill", "db-corruption", "--json", "--rows", "3000"], env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    (result,) = json.loads(again.stdout)
+    assert result["passed"] and result["scenario"] == "db-corruption"
+    assert {c["name"]: c["passed"] for c in result["checks"]}["rows committed after the target are absent"]
+    assert result["rto_seconds"] is not None and result["rpo_seconds"] is not None
 
     down = subprocess.run([DR, "down"], env=env, capture_output=True, text=True, timeout=300)
     assert down.returncode == 0, down.stderr
