@@ -35,6 +35,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 POINTER = "PRODUCTION"
 MANIFEST = "manifest.json"
 CHUNK = 1024 * 1024
+COPY_PART_BYTES = 256 * 1024 * 1024  # objects above this are copied in parts of this size
 
 
 class ModelRegistryError(RecoveryError):
@@ -101,6 +102,12 @@ class RestoredModel:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def _error_code(exc: BaseException | None) -> str | None:
+    """The S3 error code of a botocore ClientError (None for anything else)."""
+    response = getattr(exc, "response", None)
+    return (response or {}).get("Error", {}).get("Code") if isinstance(response, dict) else None
 
 
 @dataclass(frozen=True)
@@ -216,6 +223,21 @@ class ModelRegistry(Block):
         except BotoCoreError as exc:
             raise ModelRegistryUnavailable(f"{what} in bucket {self.bucket_name}: {exc}") from exc
 
+    def _read_object(self, key: str) -> tuple[bytes, str] | None:
+        """The bytes and ETag of ``key``; None when the key does not exist. Other failures raise."""
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            obj = self._aws(f"read {key}", self._s3().get_object, Key=key)
+        except ModelRegistryError as exc:
+            if _error_code(exc.__cause__) in ("NoSuchKey", "404"):
+                return None
+            raise
+        try:
+            return obj["Body"].read(), obj["ETag"]
+        except BotoCoreError as exc:
+            raise ModelRegistryUnavailable(f"read {key} in bucket {self.bucket_name}: {exc}") from exc
+
     # ------------------------------------------------------------------ reading
 
     def list_versions(self, model: str) -> list[str]:
@@ -240,16 +262,11 @@ class ModelRegistry(Block):
         check_name("model", model)
         check_name("version", version)
         key = self._key(model, version, MANIFEST)
-        s3 = self._s3()
-        from botocore.exceptions import ClientError
-
-        try:
-            body = s3.get_object(Bucket=self.bucket_name, Key=key)["Body"].read()
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                known = ", ".join(self.list_versions(model)) or "none"
-                raise InvalidInput(f"model {model!r} has no version {version!r} (no {key}); known versions: {known}") from exc
-            raise ModelRegistryError(f"read {key}: {exc}") from exc
+        found = self._read_object(key)
+        if found is None:
+            known = ", ".join(self.list_versions(model)) or "none"
+            raise InvalidInput(f"model {model!r} has no version {version!r} (no {key}); known versions: {known}")
+        body = found[0]
         try:
             manifest = Manifest.model_validate_json(body)
         except ValidationError as exc:
@@ -266,16 +283,12 @@ class ModelRegistry(Block):
 
     def production_version(self, model: str) -> tuple[str | None, str | None]:
         """The version the production pointer names and the pointer's ETag (None, None when unset)."""
-        from botocore.exceptions import ClientError
-
         key = self.pointer_key(model)
-        try:
-            obj = self._s3().get_object(Bucket=self.bucket_name, Key=key)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                return None, None
-            raise ModelRegistryError(f"read {key}: {exc}") from exc
-        return obj["Body"].read().decode().strip() or None, obj["ETag"]
+        found = self._read_object(key)
+        if found is None:
+            return None, None
+        body, etag = found
+        return body.decode().strip() or None, etag
 
     # ------------------------------------------------------------------ restore and verify
 
@@ -404,6 +417,9 @@ class ModelRegistry(Block):
 
         Idempotent and reversible: the bucket is versioned, the damaged bytes stay as an older version.
         """
+        from boto3.exceptions import Boto3Error
+        from boto3.s3.transfer import TransferConfig
+
         s3 = self._s3()
         repaired = []
         for artifact in restored.damaged:
@@ -411,7 +427,12 @@ class ModelRegistry(Block):
             if head.get("VersionId") == artifact.version_id:
                 continue
             source = {"Bucket": self.bucket_name, "Key": artifact.key, "VersionId": artifact.version_id}
-            self._aws(f"restore {artifact.key}", s3.copy_object, Key=artifact.key, CopySource=source)
+            # A managed copy: one CopyObject up to the threshold, UploadPartCopy parts above it (CopyObject stops at 5 GiB).
+            config = TransferConfig(multipart_threshold=COPY_PART_BYTES, multipart_chunksize=COPY_PART_BYTES)
+            try:
+                self._aws(f"restore {artifact.key}", s3.copy, Key=artifact.key, CopySource=source, Config=config)
+            except Boto3Error as exc:
+                raise ModelRegistryError(f"restore {artifact.key} in bucket {self.bucket_name}: {exc}") from exc
             repaired.append(artifact.key)
         return repaired
 
@@ -436,15 +457,15 @@ class ModelRegistry(Block):
         Args:
             model: model name.
             version: the version serving must read from now on.
-            expected_previous: when given, the flip is refused if the pointer moved since it was read.
+            expected_previous: the version the caller read before deciding to flip (None: it was unset or is
+                not known). The flip is refused if the pointer moved since; when a retry finds the pointer
+                already at ``version``, this is the previous version recorded.
         """
-        from botocore.exceptions import ClientError
-
         key = self.pointer_key(model)
         check_name("version", version)
         current, etag = self.production_version(model)
         if current == version:
-            return PointerFlip(model, key, current, version, True, None)
+            return PointerFlip(model, key, expected_previous, version, True, None)
         if expected_previous is not None and current != expected_previous:
             raise ModelRegistryError(
                 f"production pointer {key} changed to {current!r} since it was read as {expected_previous!r}; "
@@ -452,12 +473,12 @@ class ModelRegistry(Block):
             )
         condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
         try:
-            put = self._s3().put_object(Bucket=self.bucket_name, Key=key, Body=version.encode(),
-                                        ContentType="text/plain", **condition)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+            put = self._aws(f"write {key}", self._s3().put_object, Key=key, Body=version.encode(),
+                            ContentType="text/plain", **condition)
+        except ModelRegistryError as exc:
+            if _error_code(exc.__cause__) in ("PreconditionFailed", "412"):
                 raise ModelRegistryError(f"production pointer {key} changed during the flip; nothing was written") from exc
-            raise ModelRegistryError(f"write {key}: {exc}") from exc
+            raise
         return PointerFlip(model, key, current, version, False, put.get("VersionId"))
 
     def publish_version(self, model: str, version: str, directory: str | Path,

@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from typing import Callable, Iterable, Literal, Protocol
 from urllib.parse import urlparse
 
+from boto3.exceptions import Boto3Error
 from prefect.blocks.abstract import CredentialsBlock
 from prefect.blocks.core import Block
 from prefect.utilities.pydantic import lookup_type
@@ -38,6 +39,9 @@ from pydantic import Field, PrivateAttr, field_validator
 from blocks.errors import InvalidInput, RecoveryError
 
 ClientKind = Literal["boto3", "minio"]
+CONTENT_ETAG = "dr-content-etag"  # user metadata on restored copies: the ETag of the content they copy
+COPY_HEADERS = ("ContentType", "ContentEncoding", "ContentDisposition", "ContentLanguage", "CacheControl")
+MIB = 1024 * 1024
 
 
 class ObjectStoreError(RecoveryError):
@@ -65,6 +69,10 @@ class ObjectVersion:
     def same_content(self, other: "ObjectVersion | None") -> bool:
         return (other is not None and not self.is_delete_marker and not other.is_delete_marker
                 and self.size == other.size and self.etag == other.etag)
+
+    def etags_comparable(self, other: "ObjectVersion") -> bool:
+        """Whether equal content implies equal ETags: not when either was written in parts ("<md5>-<parts>")."""
+        return not (_multipart(self.etag) or _multipart(other.etag))
 
 
 @dataclass(frozen=True)
@@ -177,13 +185,18 @@ class _Backend(Protocol):
     def versioning_status(self, bucket: str) -> str: ...
     def list_versions(self, bucket: str, prefix: str) -> list[ObjectVersion]: ...
     def list_current(self, bucket: str, prefix: str) -> dict[str, ObjectVersion]: ...
-    def copy_version(self, bucket: str, key: str, version_id: str) -> None: ...
+    def copy_version(self, bucket: str, key: str, version_id: str, threshold: int) -> None: ...
+    def content_etag(self, bucket: str, key: str, version_id: str) -> str | None: ...
     def hide(self, bucket: str, key: str) -> None: ...
-    def read(self, bucket: str, key: str) -> tuple[int, str | None]: ...
+    def read(self, bucket: str, key: str) -> tuple[int, str | None, str | None]: ...
 
 
 def _etag(value: str | None) -> str | None:
     return value.strip('"') if value else value
+
+
+def _multipart(etag: str | None) -> bool:
+    return bool(etag) and "-" in etag
 
 
 def _utc(moment: datetime) -> datetime:
@@ -206,6 +219,8 @@ class _Boto3Backend:
             raise error(f"{what}: {code or status} {exc.response.get('Error', {}).get('Message', '')}".strip()) from exc
         except BotoCoreError as exc:
             raise ObjectStoreUnavailable(f"{what}: {exc}") from exc
+        except Boto3Error as exc:  # a managed transfer that failed part-way
+            raise ObjectStoreError(f"{what}: {exc}") from exc
 
     def bucket_exists(self, bucket: str) -> bool:
         from botocore.exceptions import ClientError
@@ -242,18 +257,45 @@ class _Boto3Backend:
                                               int(o["Size"]), _etag(o.get("ETag")))
         return out
 
-    def copy_version(self, bucket: str, key: str, version_id: str) -> None:
-        self._call(f"copy {bucket}/{key} version {version_id}", self.s3.copy_object, Bucket=bucket, Key=key,
-                   CopySource={"Bucket": bucket, "Key": key, "VersionId": version_id})
+    def copy_version(self, bucket: str, key: str, version_id: str, threshold: int) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        what = f"copy {bucket}/{key} version {version_id}"
+        source = {"Bucket": bucket, "Key": key, "VersionId": version_id}
+        head = self._call(what, self.s3.head_object, Bucket=bucket, Key=key, VersionId=version_id)
+        metadata = {**(head.get("Metadata") or {})}
+        metadata[CONTENT_ETAG] = metadata.get(CONTENT_ETAG) or _etag(head.get("ETag")) or ""
+        extra = {name: head[name] for name in COPY_HEADERS if head.get(name)}
+        if int(head.get("ContentLength") or 0) <= threshold:
+            self._call(what, self.s3.copy_object, Bucket=bucket, Key=key, CopySource=source, Metadata=metadata,
+                       MetadataDirective="REPLACE", **extra)
+        else:  # CopyObject stops at 5 GiB: copy in parts (UploadPartCopy), each part read from that version
+            config = TransferConfig(multipart_threshold=threshold, multipart_chunksize=threshold, max_concurrency=4)
+            self._call(what, self.s3.copy, CopySource=source, Bucket=bucket, Key=key,
+                       ExtraArgs={"Metadata": metadata, "MetadataDirective": "REPLACE", **extra}, Config=config)
+
+    def content_etag(self, bucket: str, key: str, version_id: str) -> str | None:
+        head = self._call(f"read {bucket}/{key} version {version_id}", self.s3.head_object, Bucket=bucket, Key=key,
+                          VersionId=version_id)
+        return (head.get("Metadata") or {}).get(CONTENT_ETAG) or _etag(head.get("ETag"))
 
     def hide(self, bucket: str, key: str) -> None:
         self._call(f"delete marker on {bucket}/{key}", self.s3.delete_object, Bucket=bucket, Key=key)
 
-    def read(self, bucket: str, key: str) -> tuple[int, str | None]:
+    def read(self, bucket: str, key: str) -> tuple[int, str | None, str | None]:
+        from botocore.exceptions import BotoCoreError
+
         answer = self._call(f"read {bucket}/{key}", self.s3.get_object, Bucket=bucket, Key=key)
-        with answer["Body"] as body:
-            size = len(body.read())
-        return size, _etag(answer.get("ETag"))
+        size, body = 0, answer["Body"]
+        try:
+            for chunk in body.iter_chunks(8 * MIB):
+                size += len(chunk)
+        except BotoCoreError as exc:
+            raise ObjectStoreUnavailable(f"read {bucket}/{key}: {exc}") from exc
+        finally:
+            body.close()
+        etag = _etag(answer.get("ETag"))
+        return size, etag, (answer.get("Metadata") or {}).get(CONTENT_ETAG) or etag
 
 
 class _MinioBackend:
@@ -296,20 +338,45 @@ class _MinioBackend:
         return {o.object_name: ObjectVersion(o.object_name, "", _utc(o.last_modified), True, False,
                                              int(o.size or 0), _etag(o.etag)) for o in entries}
 
-    def copy_version(self, bucket: str, key: str, version_id: str) -> None:
-        from minio.commonconfig import CopySource
+    def _stat(self, bucket: str, key: str, version_id: str):
+        return self._call(f"read {bucket}/{key} version {version_id}", self.mc.stat_object, bucket, key,
+                          version_id=version_id)
 
-        self._call(f"copy {bucket}/{key} version {version_id}", self.mc.copy_object, bucket, key,
-                   CopySource(bucket, key, version_id=version_id))
+    @staticmethod
+    def _user_metadata(stat) -> dict[str, str]:
+        prefix = "x-amz-meta-"
+        return {k.lower()[len(prefix):]: v for k, v in (stat.metadata or {}).items() if k.lower().startswith(prefix)}
+
+    def copy_version(self, bucket: str, key: str, version_id: str, threshold: int) -> None:
+        from minio.commonconfig import REPLACE, ComposeSource, CopySource
+
+        what = f"copy {bucket}/{key} version {version_id}"
+        stat = self._stat(bucket, key, version_id)
+        metadata = self._user_metadata(stat)
+        metadata[CONTENT_ETAG] = metadata.get(CONTENT_ETAG) or _etag(stat.etag) or ""
+        if stat.content_type:
+            metadata["Content-Type"] = stat.content_type
+        if int(stat.size or 0) <= threshold:
+            self._call(what, self.mc.copy_object, bucket, key, CopySource(bucket, key, version_id=version_id),
+                       metadata=metadata, metadata_directive=REPLACE)
+        else:  # CopyObject stops at 5 GiB: compose copies the version in parts (UploadPartCopy)
+            self._call(what, self.mc.compose_object, bucket, key, [ComposeSource(bucket, key, version_id=version_id)],
+                       metadata=metadata)
+
+    def content_etag(self, bucket: str, key: str, version_id: str) -> str | None:
+        stat = self._stat(bucket, key, version_id)
+        return self._user_metadata(stat).get(CONTENT_ETAG) or _etag(stat.etag)
 
     def hide(self, bucket: str, key: str) -> None:
         self._call(f"delete marker on {bucket}/{key}", self.mc.remove_object, bucket, key)
 
-    def read(self, bucket: str, key: str) -> tuple[int, str | None]:
+    def read(self, bucket: str, key: str) -> tuple[int, str | None, str | None]:
         def fetch():
             response = self.mc.get_object(bucket, key)
             try:
-                return len(response.read()), _etag(response.headers.get("ETag"))
+                size = sum(len(chunk) for chunk in response.stream(8 * MIB))
+                etag = _etag(response.headers.get("ETag"))
+                return size, etag, response.headers.get(f"x-amz-meta-{CONTENT_ETAG}") or etag
             finally:
                 response.close()
                 response.release_conn()
@@ -387,6 +454,11 @@ class ObjectStore(Block):
     timeout_seconds: float = Field(default=30, gt=0, le=600, description="Connect and read timeout of each request.")
     environment: Literal["production", "staging", "sandbox"] = Field(
         default="production", description="What this store holds; drills with auto approval refuse production."
+    )
+    multipart_copy_threshold_bytes: int = Field(
+        default=256 * MIB, ge=5 * MIB, le=5 * 1024 * MIB,
+        description="Objects larger than this are restored by a multipart copy (also the part size); "
+                    "a single CopyObject is limited to 5 GiB.",
     )
 
     _clients: dict = PrivateAttr(default_factory=dict)
@@ -546,6 +618,11 @@ class ObjectStore(Block):
                 continue
             if target.same_content(current):
                 continue
+            if (not current.is_delete_marker and target.size == current.size
+                    and not target.etags_comparable(current)
+                    and self._backend(self.bucket).content_etag(self.bucket_name, key, target.version_id)
+                    == self._backend(self.bucket).content_etag(self.bucket_name, key, current.version_id)):
+                continue  # a copy of the version of T, written in a different number of parts
             changes.append(RestoreChange(
                 key, "undelete" if current.is_delete_marker else "restore", current.version_id,
                 current.is_delete_marker, target.version_id, target.last_modified, current.etag, target.etag,
@@ -577,7 +654,8 @@ class ObjectStore(Block):
                 if change.action == "hide":
                     backend.hide(plan.bucket, change.key)
                 else:
-                    backend.copy_version(plan.bucket, change.key, change.target_version_id)
+                    backend.copy_version(plan.bucket, change.key, change.target_version_id,
+                                         self.multipart_copy_threshold_bytes)
             finally:
                 with lock:
                     in_flight -= 1
@@ -595,20 +673,24 @@ class ObjectStore(Block):
 
     def verify_readable(self, keys: list[str], which: Literal["primary", "secondary"] = "primary",
                         expected: dict[str, tuple[int | None, str | None]] | None = None) -> ReadCheck:
-        """Read ``keys`` in full from ``which`` bucket; with ``expected`` (key -> size, etag) compare them too."""
+        """Read ``keys`` in full from ``which`` bucket; with ``expected`` (key -> size, etag) compare them too.
+
+        An expected etag matches the object's own ETag or, for a restored copy, the ETag of the content
+        it copies (recorded in its metadata): a multipart ETag changes when the content is copied.
+        """
         bucket = self.bucket_for(which)
         backend = self._backend(bucket)
         expected = expected or {}
 
         def one(key: str) -> str | None:
             try:
-                size, etag = backend.read(bucket.bucket_name, key)
+                size, etag, content = backend.read(bucket.bucket_name, key)
             except ObjectStoreError as exc:
                 return str(exc)
             want_size, want_etag = expected.get(key, (None, None))
             if want_size is not None and size != want_size:
                 return f"{size} bytes, expected {want_size}"
-            if want_etag is not None and etag != want_etag:
+            if want_etag is not None and want_etag not in (etag, content):
                 return f"etag {etag}, expected {want_etag}"
             return None
 

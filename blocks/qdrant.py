@@ -30,6 +30,7 @@ from blocks.errors import InvalidInput, RecoveryError
 EXPORT_FORMAT = "dr-qdrant-export/1"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 DISTANCES = ("Cosine", "Dot", "Euclid")
+INCIDENT_MARK = "dr.recovery.incident"  # collection metadata: the incident whose recovery built the collection
 
 
 class QdrantError(RecoveryError):
@@ -40,6 +41,17 @@ class QdrantUnavailable(QdrantError):
     """Qdrant could not be reached (server down, embedded storage held by another process)."""
 
     transient = True
+
+
+def _s3_code(exc: BaseException | None) -> str | None:
+    """The S3 error code of a botocore ClientError (None for anything else)."""
+    response = getattr(exc, "response", None)
+    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+
+
+def _without_query(text: str) -> str:
+    """``text`` with the query string of every URL in it removed (presigned signatures, tokens)."""
+    return re.sub(r"(https?://[^\s?'\"]*)\?[^\s'\"]*", r"\1?<redacted>", text or "")
 
 
 def check_name(kind: str, value: str) -> str:
@@ -309,10 +321,47 @@ class QdrantCluster(Block):
         """Exact number of points in a collection or behind an alias."""
         return self.collection_info(name).points
 
-    def create_collection(self, name: str, vector_size: int, distance: str, replace: bool = False) -> None:
-        """Create an empty collection; with ``replace``, drop an existing one of that name first.
+    def _incident_of(self, client, name: str) -> str | None:
+        info = self._call(f"read collection {name}", client.get_collection, name)
+        return (getattr(info.config, "metadata", None) or {}).get(INCIDENT_MARK)
 
-        Refuses to replace a collection that an alias points to: that is live data.
+    def _check_replaceable(self, client, name: str, incident: str | None) -> bool:
+        """Whether collection ``name`` exists; refuse one that may not be replaced by ``incident``."""
+        if not self._call("look up collection", client.collection_exists, name):
+            return False
+        if name in {a.collection_name for a in self._call("list aliases", client.get_aliases).aliases}:
+            raise InvalidInput(f"collection {name!r} is behind an alias at {self.location}; it is not replaced")
+        marked = self._incident_of(client, name)
+        if incident is not None and marked == incident:
+            return True
+        points = self._call(f"count {name}", client.count, name, exact=True).count
+        if points == 0:
+            return True
+        raise InvalidInput(
+            f"collection {name!r} already exists at {self.location} with {points} points and is "
+            + (f"marked as rebuilt for incident {marked!r}" if marked else "not marked as a rebuild of any incident")
+            + f", not {incident!r}; it is kept. Choose another incident id or remove it deliberately"
+        )
+
+    def require_replaceable(self, name: str, incident: str) -> bool:
+        """Refuse when collection ``name`` exists and is neither empty nor a leftover rebuild of ``incident``.
+
+        Returns:
+            True when such a leftover (or an empty collection) exists and would be replaced, False when absent.
+
+        Raises:
+            InvalidInput: the collection holds points another run or a person put there, or an alias uses it.
+        """
+        check_name("collection", name)
+        with self.client() as client:
+            return self._check_replaceable(client, name, incident)
+
+    def create_collection(self, name: str, vector_size: int, distance: str, replace: bool = False,
+                          incident: str | None = None) -> None:
+        """Create an empty collection, marked as the rebuild of ``incident`` when one is given.
+
+        With ``replace``, an existing collection of that name is dropped first, but only when it is
+        empty or marked as a rebuild of the same ``incident``; a collection behind an alias is never replaced.
         """
         check_name("collection", name)
         if distance not in DISTANCES:
@@ -321,17 +370,16 @@ class QdrantCluster(Block):
             raise InvalidInput(f"vector size {vector_size} must be at least 1")
         from qdrant_client import models
 
-        live = set(self.aliases().values())
         with self.client() as client:
             if self._call("look up collection", client.collection_exists, name):
                 if not replace:
                     raise QdrantError(f"collection {name!r} already exists at {self.location}")
-                if name in live:
-                    raise QdrantError(f"collection {name!r} is behind an alias; it is not replaced")
+                self._check_replaceable(client, name, incident)
                 self._call(f"delete collection {name}", client.delete_collection, name)
             self._call(
                 f"create collection {name}", client.create_collection, name,
                 vectors_config=models.VectorParams(size=vector_size, distance=models.Distance(distance)),
+                metadata={INCIDENT_MARK: incident} if incident else None,
             )
 
     def delete_collection(self, name: str) -> bool:
@@ -460,14 +508,16 @@ class QdrantCluster(Block):
                              distance=info.distance, sha256=digest.hexdigest(), bytes=size,
                              exported_at=datetime.now(timezone.utc).isoformat())
 
-    def import_collection(self, name: str, stream: IO[bytes], expected_sha256: str | None = None) -> int:
+    def import_collection(self, name: str, stream: IO[bytes], expected_sha256: str | None = None,
+                          incident: str | None = None) -> int:
         """Create collection ``name`` from an export and fill it; returns the points imported.
 
         The stream is read twice: first to check the header, trailer and ``expected_sha256``
         (nothing is created when they do not match), then to import. ``stream`` must be seekable.
+        An existing ``name`` is replaced only when it is empty or a leftover rebuild of ``incident``.
         """
         header, points = read_export_header(stream, expected_sha256)
-        self.create_collection(name, header["vector_size"], header["distance"], replace=True)
+        self.create_collection(name, header["vector_size"], header["distance"], replace=True, incident=incident)
         stream.seek(0)
         written = self.upsert_batches(name, iter_export(stream))
         if written != points:
@@ -524,20 +574,27 @@ class QdrantCluster(Block):
         Raises:
             InvalidInput: no object at ``key``.
         """
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError
 
         s3 = self._bucket().credentials.get_s3_client()
         bucket = self._bucket().bucket_name
         try:
-            head = s3.head_object(Bucket=bucket, Key=key)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            head = self._s3(f"read s3://{bucket}/{key}", s3.head_object, Key=key)
+        except QdrantError as exc:
+            if _s3_code(exc.__cause__) in ("404", "NoSuchKey", "NotFound"):
                 raise InvalidInput(f"no backup at s3://{bucket}/{key}") from exc
-            raise QdrantError(f"read s3://{bucket}/{key}: {exc}") from exc
+            raise
         try:
-            facts = json.loads(s3.get_object(Bucket=bucket, Key=key + ".json")["Body"].read())
-        except ClientError:
+            obj = self._s3(f"read s3://{bucket}/{key}.json", s3.get_object, Key=key + ".json")
+            facts = json.loads(obj["Body"].read())
+        except QdrantError as exc:
+            if _s3_code(exc.__cause__) not in ("404", "NoSuchKey", "NotFound"):
+                raise
             facts = {}
+        except BotoCoreError as exc:
+            raise QdrantUnavailable(f"read s3://{bucket}/{key}.json: {exc}") from exc
+        except ValueError as exc:
+            raise QdrantError(f"s3://{bucket}/{key}.json is not JSON: {exc}") from exc
         kind = "export" if key.endswith(".jsonl") else "snapshot"
         return StoredBackup(key=key, kind=kind, collection=facts.get("collection", ""), size=head["ContentLength"],
                             stored_at=head["LastModified"].astimezone(timezone.utc).isoformat(),
@@ -582,11 +639,21 @@ class QdrantCluster(Block):
             raise InvalidInput(f"backup {key}: sha256 {digest.hexdigest()} does not match the recorded {backup.sha256}")
         return backup
 
-    def backup_url(self, key: str, expires_seconds: int = 3600) -> str:
-        """A time-limited GET URL of a backup, for a Qdrant server to download it."""
-        s3 = self._bucket().credentials.get_s3_client()
-        return s3.generate_presigned_url("get_object", Params={"Bucket": self._bucket().bucket_name, "Key": key},
-                                         ExpiresIn=expires_seconds)
+    def backup_url(self, key: str, expires_seconds: int = 600) -> str:
+        """A time-limited GET URL of a backup, for a Qdrant server to download it.
+
+        The URL is a credential while it lasts: pass it only to the server, never to logs or evidence.
+        """
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if not 1 <= expires_seconds <= 3600:
+            raise InvalidInput(f"expires_seconds {expires_seconds} must be between 1 and 3600")
+        try:
+            s3 = self._bucket().credentials.get_s3_client()
+            return s3.generate_presigned_url("get_object", Params={"Bucket": self._bucket().bucket_name, "Key": key},
+                                             ExpiresIn=expires_seconds)
+        except (BotoCoreError, ClientError) as exc:
+            raise QdrantError(f"presign s3://{self._bucket().bucket_name}/{key}: {exc}") from exc
 
     def snapshot_to_bucket(self, collection: str) -> StoredBackup:
         """Take a server snapshot of ``collection`` and copy it, with its checksum, to the backup bucket."""
@@ -641,19 +708,30 @@ class QdrantCluster(Block):
         found = [Snapshot(collection, s.name, s.size, s.creation_time, s.checksum) for s in snaps]
         return sorted(found, key=lambda s: s.created_at or "")
 
-    def recover_snapshot(self, collection: str, location: str, checksum: str | None = None) -> None:
+    def recover_snapshot(self, collection: str, location: str, checksum: str | None = None,
+                         incident: str | None = None) -> None:
         """Recover ``collection`` on the server from a snapshot at ``location`` (http(s):// or file:// URL).
 
         The server downloads the snapshot itself and, given ``checksum`` (sha256), refuses one
-        that does not match. Recovering into a new collection name leaves the live one untouched.
+        that does not match. Recovering into a new collection name leaves the live one untouched;
+        an existing ``collection`` is overwritten only when it is empty or a leftover rebuild of
+        ``incident``. The recovered collection is then marked as the rebuild of ``incident``.
         """
         self._server_only("recover_snapshot")
         check_name("collection", collection)
         if not re.match(r"^(https?|file)://", location or ""):
-            raise InvalidInput(f"snapshot location {location!r} is not an http(s):// or file:// URL")
+            raise InvalidInput(f"snapshot location {_without_query(location)!r} is not an http(s):// or file:// URL")
         with self.client(self.snapshot_timeout_seconds) as client:
-            self._call(f"recover {collection} from snapshot", client.recover_snapshot, collection,
-                       location=location, checksum=checksum, wait=True)
+            self._check_replaceable(client, collection, incident)
+            try:
+                self._call(f"recover {collection} from snapshot", client.recover_snapshot, collection,
+                           location=location, checksum=checksum, wait=True)
+            except QdrantError as exc:
+                # Raised again without its cause: the client's error carries the presigned URL.
+                raise type(exc)(_without_query(str(exc))) from None
+            if incident:
+                self._call(f"mark {collection}", client.update_collection, collection,
+                           metadata={INCIDENT_MARK: incident})
 
 
 def read_export_header(stream: IO[bytes], expected_sha256: str | None = None) -> tuple[dict, int]:

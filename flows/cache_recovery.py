@@ -7,6 +7,12 @@ Runbook (continuity plan: "Cache (Redis)"; Redis is ephemeral, RPO not applicabl
   4. applications repopulate the cache from the database; watch key count, hit rate and latency
      over a bounded window
   5. the incident report: the warm-up curve and the latency before and after
+
+Figures: the hit rate comes from Redis' keyspace_hits and keyspace_misses counters, which are
+server-wide (every database of the server, not only the flushed one); an interval in which they went
+backwards (CONFIG RESETSTAT, a restart) has no hit rate. Service counts as restored when the cache is
+warm (enough keys and the target hit rate) within the watched window; when it is not, the flush time
+is used and the report says so.
 """
 
 from __future__ import annotations
@@ -25,20 +31,30 @@ from tasks.approval import auto_approval, check_approval_settings, request_appro
 from tasks.estate import load_block
 from tasks.evidence import RecoveryReport, publish_evidence, utcnow
 from tasks.locks import recovery_lock
-from tasks.redis import flush_cache_db, inspect_cache, measure_cache_latency, sample_cache_stats
+from tasks.redis import flush_cache_db, inspect_cache, measure_cache_latency, ping_cache, sample_cache_stats
 
 SCENARIO = "cache"
 CachePolicy = Literal["required", "none", "auto"]
 
 
 def hit_rate(earlier: CacheStats, later: CacheStats) -> float | None:
-    """Hits over lookups between two samples; None when nothing was looked up."""
+    """Hits over lookups between two samples; None when nothing was looked up or the counters were reset."""
     hits = later.keyspace_hits - earlier.keyspace_hits
-    lookups = hits + later.keyspace_misses - earlier.keyspace_misses
+    misses = later.keyspace_misses - earlier.keyspace_misses
+    if hits < 0 or misses < 0:
+        return None
+    lookups = hits + misses
     return None if lookups <= 0 else round(hits / lookups, 4)
 
 
-def _percent(rate: float | None) -> str:
+def counters_reset(earlier: CacheStats, later: CacheStats) -> bool:
+    """Whether the server's hit or miss counter went backwards between two samples (reset or restart)."""
+    return later.keyspace_hits < earlier.keyspace_hits or later.keyspace_misses < earlier.keyspace_misses
+
+
+def _percent(rate: float | None, reset: bool = False) -> str:
+    if reset:
+        return "counters reset"
     return "no lookups" if rate is None else f"{rate:.0%}"
 
 
@@ -93,7 +109,7 @@ def cache_recovery(
         min_keys: key count at which the cache counts as repopulated.
         stop_when_warm: stop watching as soon as both thresholds are met.
         approval_policy: 'required' (a named approver), 'none' (the operator's trigger is the decision;
-            the cache is ephemeral) or 'auto' (drills only).
+            the cache is ephemeral; refused for a production cache) or 'auto' (drills only).
         allowed_approvers: who may approve the flush.
         approval_timeout_seconds: how long to wait for approval before giving up without flushing.
         approval_poll_seconds: how often a paused run checks for an answer.
@@ -122,7 +138,10 @@ def cache_recovery(
             cache = load_block(RedisCache, cache_block)
             if approval_policy == "auto" and cache.environment == "production":
                 raise InvalidInput(f"approval policy 'auto' is refused for {cache_block!r}: its environment is production")
-            if not cache.is_reachable():
+            if approval_policy == "none" and cache.environment == "production":
+                raise InvalidInput(f"approval policy 'none' is refused for {cache_block!r}: its environment is "
+                                   "production; use 'required' with named approvers")
+            if not ping_cache(cache):
                 raise InvalidInput(f"cache {cache_block!r} at {cache.address} does not answer PING")
             report.incident_id = _incident_key(cache_block, incident_detected_at)
             step.detail = f"{cache.address}; incident {report.incident_id}"
@@ -188,8 +207,7 @@ def _recover(cache: RedisCache, report: RecoveryReport, approval_policy: str, ap
     with report.step("Flush the affected database") as step:
         removed = flush_cache_db(cache)
         step.detail = f"FLUSHDB on {cache.address}: {removed} keys removed"
-    report.service_restored_at = utcnow()
-    report.rto_seconds = (report.service_restored_at - report.incident_detected_at).total_seconds()
+    flushed_at = utcnow()
     report.rpo_seconds = 0.0  # the cache holds no data of record
 
     samples: list[dict] = []
@@ -201,7 +219,8 @@ def _recover(cache: RedisCache, report: RecoveryReport, approval_policy: str, ap
             time.sleep(min(interval, max(deadline - time.monotonic(), 0)))
             current = sample_cache_stats(cache)
             rate = hit_rate(previous, current)
-            samples.append({"at": current.at.isoformat(), "keys": current.dbsize, "hit_rate": rate})
+            samples.append({"at": current.at.isoformat(), "keys": current.dbsize, "hit_rate": rate,
+                            "reset": counters_reset(previous, current)})
             previous = current
             warm = current.dbsize >= min_keys and rate is not None and rate >= target_hit_rate
             if warm and warm_at is None:
@@ -214,13 +233,23 @@ def _recover(cache: RedisCache, report: RecoveryReport, approval_policy: str, ap
 
     last_rate = samples[-1]["hit_rate"] if samples else None
     report.facts["Warm-up samples (time, keys, hit rate)"] = [
-        f"{s['at'][11:19]} {s['keys']} keys {_percent(s['hit_rate'])}" for s in samples
+        f"{s['at'][11:19]} {s['keys']} keys {_percent(s['hit_rate'], s['reset'])}" for s in samples
     ]
-    report.facts["Warm after"] = (f"{(warm_at - report.service_restored_at).total_seconds():.1f} s from the flush"
+    report.facts["Hit rate scope"] = (f"server-wide: keyspace hits and misses of every database of "
+                                      f"{cache.host}:{cache.port}, not only db {cache.db}")
+    if any(s["reset"] for s in samples):
+        report.facts["Counter resets"] = (f"{sum(s['reset'] for s in samples)} intervals without a hit rate: the "
+                                          "server's counters went backwards (CONFIG RESETSTAT or a restart)")
+    report.facts["Warm after"] = (f"{(warm_at - flushed_at).total_seconds():.1f} s from the flush"
                                   if warm_at else f"not warm within {window:g} s")
+    report.service_restored_at = warm_at or flushed_at
+    report.rto_seconds = (report.service_restored_at - report.incident_detected_at).total_seconds()
+    report.facts["RTO counted to"] = ("the first warm sample (enough keys and the target hit rate)" if warm_at else
+                                      f"the flush: the cache was not warm within {window:g} s, so the RTO is a "
+                                      "lower bound")
     report.facts["Latency after warm-up"] = f"p50 {latency_after.p50_ms} ms, p95 {latency_after.p95_ms} ms"
     report.add_checks("warm-up", [
-        CheckResult("cache answers", cache.is_reachable(), f"PING {cache.address}"),
+        CheckResult("cache answers", ping_cache(cache), f"PING {cache.address}"),
         CheckResult("keys repopulated", previous.dbsize >= min_keys, f"{previous.dbsize} keys (want >= {min_keys})",
                     critical=False),
         CheckResult("hit rate recovered", last_rate is not None and last_rate >= target_hit_rate,

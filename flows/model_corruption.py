@@ -3,13 +3,14 @@
 Runbook (continuity plan: "Scenario 2: Model Corruption", "Backup Strategy Tiers"):
   1. preflight: the version exists in the backup bucket; every artifact is downloaded from the
      newest object version whose sha256 matches the manifest (nothing changes yet)
-  2. stop the training jobs (suspended, or deleted) so they cannot overwrite models again
+  2. suspend the training jobs so they cannot overwrite models again
   3. verify model functionality: load the restored model, reproduce its golden outputs
-  4. a named approver approves, seeing the checks
-  5. promote: make the verified object versions current again where they were damaged, then flip
-     the production pointer with a compare-and-swap write (the previous value is kept in the evidence)
-  6. restart the serving deployments and wait until they are ready
-  7. post-checks: the pointer names the version, the bucket's current objects match the manifest
+  4. a named approver approves, seeing the checks; only then are training jobs deleted (when asked)
+  5. make the verified object versions current again where they were damaged, and check every current
+     object against the manifest; a mismatch stops here: nothing is promoted, nothing restarted
+  6. flip the production pointer with a compare-and-swap write (the previous value is kept in the evidence)
+  7. restart the serving deployments and wait until they are ready
+  8. post-checks: the pointer names the version
 """
 
 from __future__ import annotations
@@ -183,11 +184,14 @@ def _recover(report: RecoveryReport, registry: ModelRegistry, kube: KubernetesTa
     report.plan = [
         f"download the {len(manifest.artifacts)} artifacts of {model} {version} into {restore_dir}, each from the "
         "newest object version matching the manifest's sha256",
-        (f"{'delete' if delete_jobs else 'suspend'} training Jobs matching {job_selector!r} in {kube.namespace}"
+        (f"suspend training Jobs matching {job_selector!r} in {kube.namespace}"
          if job_selector and kube else "no training Jobs to stop (no selector given)"),
         "load the restored model and reproduce its golden outputs",
         "ask " + (", ".join(approvers) if approval_policy == "required" else "nobody (auto, drill)") + " to approve",
+        *([f"delete the suspended training Jobs matching {job_selector!r} in {kube.namespace}"]
+          if delete_jobs and job_selector and kube else []),
         "make the verified object versions current again where the bucket's current object is damaged",
+        "check every current object of the version against its manifest's sha256; stop here if one differs",
         f"production pointer {registry.pointer_key(model)}: {previous or 'unset'} -> {version} (compare-and-swap)",
         f"restart {', '.join(deployments) or 'no deployments'} and wait until ready",
     ]
@@ -206,8 +210,8 @@ def _recover(report: RecoveryReport, registry: ModelRegistry, kube: KubernetesTa
                        f"damaged in the bucket: {', '.join(damaged) or 'none'}")
 
     if job_selector and kube:
-        with report.step("Stop training jobs") as step:
-            stopped = stop_training_jobs(kube, job_selector, delete_jobs)
+        with report.step("Suspend training jobs") as step:
+            stopped = stop_training_jobs(kube, job_selector, False)
             report.facts["training jobs"] = [f"{s['job']}: {s['action']}" for s in stopped] or ["none found"]
             step.detail = "; ".join(f"{s['job']} {s['action']}" for s in stopped) or f"no Job matches {job_selector}"
 
@@ -244,13 +248,35 @@ def _recover(report: RecoveryReport, registry: ModelRegistry, kube: KubernetesTa
         report.action_items.append(f"inspect the restored files in {restored.directory}")
         return Failed(name=name, message=report.summary) if decision is None else Cancelled(name=name, message=report.summary)
 
-    with report.step("Promote: repair objects and flip the production pointer") as step:
+    if delete_jobs and job_selector and kube:
+        with report.step("Delete training jobs") as step:
+            deleted = stop_training_jobs(kube, job_selector, True)
+            report.facts["training jobs deleted"] = [f"{s['job']}: {s['action']}" for s in deleted] or ["none found"]
+            step.detail = "; ".join(f"{s['job']} {s['action']}" for s in deleted) or f"no Job matches {job_selector}"
+
+    with report.step("Repair the damaged objects") as step:
         repaired = repair_model_objects(registry, restored)
+        report.facts["repaired objects"] = repaired or ["none"]
+        step.detail = f"{len(repaired)} objects made current again"
+
+    with report.step("Verify the current objects before promotion") as step:
+        report.add_checks("repaired", verify_model_objects(registry, model, version))
+        failed = report.failed_critical("repaired")
+        step.outcome = "ok" if not failed else "failed"
+        step.detail = f"{len(failed)} of {sum(c.stage == 'repaired' for c in report.checks)} objects differ from the manifest"
+    if report.failed_critical("repaired"):
+        report.outcome = "VerificationFailed"
+        report.summary = (f"The bucket's objects of {model} {version} still differ from the manifest after the repair; "
+                          f"the version was not promoted and production still points to {previous or 'nothing'}.")
+        report.action_items.append(f"inspect the object versions of {model} {version}; the verified files are in "
+                                   f"{restored.directory}")
+        return Failed(name="VerificationFailed", message=report.summary)
+
+    with report.step("Promote: flip the production pointer") as step:
         flip = flip_production_pointer(registry, model, version, previous)
         report.promotion = {**flip.as_dict(), "repaired_objects": repaired}
         step.detail = (f"{flip.key}: {flip.previous or 'unset'} -> {flip.current}"
-                       + (" (already set)" if flip.already else "")
-                       + f"; {len(repaired)} objects made current again")
+                       + (" (already set)" if flip.already else ""))
 
     if deployments and kube:
         with report.step("Restart serving") as step:
@@ -265,7 +291,6 @@ def _recover(report: RecoveryReport, registry: ModelRegistry, kube: KubernetesTa
     with report.step("Post-checks") as step:
         now = read_production_pointer(registry, model)
         checks = [CheckResult("production pointer", now == version, f"{registry.pointer_key(model)} = {now}")]
-        checks += verify_model_objects(registry, model, version)
         report.add_checks("production", checks)
         failed = report.failed_critical("production")
         step.outcome = "ok" if not failed else "failed"

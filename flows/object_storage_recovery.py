@@ -42,10 +42,11 @@ from tasks.object_store import (
     apply_prefix_restore,
     compare_replica,
     deployment_annotated,
+    find_missing_deployments,
     list_bucket,
     plan_prefix_restore,
     require_bucket,
-    secret_points_at,
+    secret_keys_to_set,
     verify_readable,
 )
 
@@ -136,6 +137,8 @@ def object_storage_recovery(
                          else f"{mode} {prefix}".strip()),
         rto_objective_seconds=0, rpo_objective_seconds=0,
     )
+    if mode == "verify-replica":
+        report.facts["run_kind"] = "assurance"  # a scheduled check, not a recovery: KPIs do not count it
     try:
         with report.step("Preflight: validate inputs") as step:
             if mode not in ("verify-replica", "failover", "restore-prefix"):
@@ -353,7 +356,7 @@ def _failover_target(kube_block: str | None, secret_name: str | None, secret_key
     if not secret_key or not secret_key.strip():
         raise InvalidInput("secret_key is empty; name the Secret key holding the object-storage endpoint")
     kube = load_block(KubernetesTarget, kube_block)
-    missing = [d for d in deployments if not kube.deployment_exists(d)]
+    missing = find_missing_deployments(kube, deployments)
     if missing:
         raise InvalidInput(f"deployments {missing} do not exist in namespace {kube.namespace!r} of {kube_block!r}")
     return kube
@@ -377,18 +380,17 @@ def _failover(store: ObjectStore, kube: KubernetesTarget, report: RecoveryReport
             _record_comparison(report, comparison)
             step.detail = comparison.summary()
 
+    wanted = {secret_key: endpoint} | ({bucket_key: replica_bucket} if bucket_key and replica_bucket else {})
     with report.step("Read the applications' current endpoint") as step:
-        pointing = secret_points_at(kube, secret_name, secret_key, endpoint)
+        to_set = secret_keys_to_set(kube, secret_name, wanted)
+        pointing = not to_set
         pending = [d for d in deployments if not deployment_annotated(kube, d, FAILOVER_ANNOTATION, endpoint)]
-        step.detail = (f"secret {kube.namespace}/{secret_name} key {secret_key} "
-                       f"{'already holds' if pointing else 'does not hold'} the replica endpoint; "
+        step.detail = (f"secret {kube.namespace}/{secret_name}: "
+                       f"{'every key already holds the replica' if pointing else 'keys ' + ', '.join(to_set) + ' to set'}; "
                        f"{len(pending)} of {len(deployments)} deployments to restart")
 
-    plan = []
-    if not pointing:
-        plan.append(f"secret {kube.namespace}/{secret_name} key {secret_key}: current endpoint -> {endpoint}")
-        if bucket_key:
-            plan.append(f"secret {kube.namespace}/{secret_name} key {bucket_key}: current bucket -> {replica_bucket}")
+    current = {secret_key: "current endpoint", bucket_key: "current bucket"}
+    plan = [f"secret {kube.namespace}/{secret_name} key {key}: {current[key]} -> {wanted[key]}" for key in to_set]
     plan += [f"rollout restart deployment {kube.namespace}/{d} (annotate {FAILOVER_ANNOTATION}={endpoint})"
              for d in pending]
     plan += [f"wait at most {rollout_timeout:g} s for deployment {kube.namespace}/{d} to be ready" for d in deployments]
@@ -406,10 +408,9 @@ def _failover(store: ObjectStore, kube: KubernetesTarget, report: RecoveryReport
             return _not_approved(report, decision, "failover")
     if not pointing:
         with report.step("Point the applications' secret at the replica") as step:
-            set_app_secret(kube, secret_name, secret_key, SecretStr(endpoint))
-            if bucket_key:
-                set_app_secret(kube, secret_name, bucket_key, SecretStr(replica_bucket))
-            step.detail = f"{kube.namespace}/{secret_name}: {secret_key}" + (f", {bucket_key}" if bucket_key else "")
+            for key in to_set:
+                set_app_secret(kube, secret_name, key, SecretStr(wanted[key]))
+            step.detail = f"{kube.namespace}/{secret_name}: {', '.join(to_set)}"
     else:
         report.steps.append(StepRecord(step="Point the applications' secret at the replica", start=utcnow(),
                                        end=utcnow(), outcome="already done", detail="done by an earlier run"))

@@ -45,6 +45,7 @@ from tasks.qdrant import (
     import_collection,
     recover_snapshot,
     reindex_from_postgres,
+    require_replaceable,
     sample_recall,
     switch_alias,
 )
@@ -177,6 +178,11 @@ def vector_db_recovery(
             chosen_distance = distance or (current.distance if current else None) or source.get("distance") or "Cosine"
             if not vector_size:
                 raise InvalidInput("the vector size of the rebuilt collection is unknown: the source gives none")
+            rebuild = f"{report.incident_id}-r"
+            leftover = (current is None or current.name != rebuild) and require_replaceable(
+                qdrant, rebuild, report.incident_id)
+            if leftover:
+                report.facts["leftover replaced"] = f"{rebuild}: an earlier attempt at incident {report.incident_id}"
             report.facts.update({"alias": alias, "collection before": current.name if current else "none",
                                  "points before": current.points if current else 0})
             step.detail = (f"alias {alias} -> {current.name + f' ({current.points} points)' if current else 'nothing'}; "
@@ -260,12 +266,12 @@ def _recover(report: RecoveryReport, qdrant: QdrantCluster, alias: str, strategy
 
         with report.step("Rebuild beside the live collection") as step:
             if strategy == "reindex":
-                create_collection(qdrant, collection, vector_size, distance)
+                create_collection(qdrant, collection, vector_size, distance, report.incident_id)
                 written = reindex_from_postgres(qdrant, collection, source["cluster"], source["table"], batch_size)
             elif strategy == "import":
-                written = import_collection(qdrant, collection, backup)
+                written = import_collection(qdrant, collection, backup, report.incident_id)
             else:
-                recover_snapshot(qdrant, collection, backup)
+                recover_snapshot(qdrant, collection, backup, report.incident_id)
                 written = None
             rebuilt = describe_collection(qdrant, collection)
             report.candidate = {"collection": collection, "points": rebuilt.points, "written": written}

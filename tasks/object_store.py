@@ -58,13 +58,27 @@ def list_bucket(store: ObjectStore, prefix: str, which: Literal["primary", "seco
     return store.list_objects(prefix, which)
 
 
-@task(name="secret-points-at", **policy(timeout_seconds=60))
-def secret_points_at(target: KubernetesTarget, secret: str, key: str, endpoint: str) -> bool:
-    """Whether key ``key`` of Secret ``secret`` already holds ``endpoint`` (False when absent; the value is never returned)."""
-    try:
-        return target.read_secret_value(secret, key).get_secret_value() == endpoint
-    except InvalidInput:
-        return False
+@task(name="secret-keys-to-set", **policy(timeout_seconds=60))
+def secret_keys_to_set(target: KubernetesTarget, secret: str, wanted: dict[str, str]) -> list[str]:
+    """The keys of Secret ``secret`` that do not yet hold their value in ``wanted`` (absent keys included).
+
+    Values are compared, never returned or logged.
+    """
+    differ = []
+    for key, value in wanted.items():
+        try:
+            current = target.read_secret_value(secret, key).get_secret_value()
+        except InvalidInput:
+            current = None
+        if current != value:
+            differ.append(key)
+    return differ
+
+
+@task(name="find-missing-deployments", **policy(timeout_seconds=60))
+def find_missing_deployments(target: KubernetesTarget, deployments: list[str]) -> list[str]:
+    """The names in ``deployments`` that do not exist in the target's namespace."""
+    return [d for d in deployments if not target.deployment_exists(d)]
 
 
 @task(name="deployment-annotated", **policy(timeout_seconds=60))

@@ -44,10 +44,23 @@ def count_source_rows(cluster: PostgresCluster, table: EmbeddingTable) -> tuple[
     return table.count(cluster), table.dimension(cluster)
 
 
+@task(name="require-replaceable", **policy(timeout_seconds=120))
+def require_replaceable(qdrant: QdrantCluster, name: str, incident: str) -> bool:
+    """Refuse a collection ``name`` that holds points and is not a leftover rebuild of ``incident``.
+
+    Returns:
+        True when a leftover (or empty) collection of that name exists and will be replaced.
+    """
+    return qdrant.require_replaceable(name, incident)
+
+
 @task(name="create-collection", **policy(timeout_seconds=300))
-def create_collection(qdrant: QdrantCluster, name: str, vector_size: int, distance: str) -> None:
-    """Create an empty collection beside the live one, replacing a leftover of an earlier attempt."""
-    qdrant.create_collection(name, vector_size, distance, replace=True)
+def create_collection(qdrant: QdrantCluster, name: str, vector_size: int, distance: str, incident: str) -> None:
+    """Create an empty collection beside the live one, marked as the rebuild of ``incident``.
+
+    A leftover of an earlier attempt at the same incident (or an empty collection) is replaced.
+    """
+    qdrant.create_collection(name, vector_size, distance, replace=True, incident=incident)
 
 
 @task(name="reindex-from-postgres", **policy(timeout_seconds=6 * 3600, retries=1))
@@ -96,19 +109,22 @@ def check_export(qdrant: QdrantCluster, backup: StoredBackup) -> dict:
 
 
 @task(name="import-collection", **policy(timeout_seconds=6 * 3600, retries=1))
-def import_collection(qdrant: QdrantCluster, collection: str, backup: StoredBackup) -> int:
-    """Download an export, check its sha256, and import it into a new collection."""
+def import_collection(qdrant: QdrantCluster, collection: str, backup: StoredBackup, incident: str) -> int:
+    """Download an export, check its sha256, and import it into a new collection marked with ``incident``."""
     with tempfile.TemporaryDirectory(prefix="dr-qdrant-") as folder:
         path = os.path.join(folder, "export.jsonl")
         qdrant.fetch_backup(backup.key, path)
         with open(path, "rb") as fh:
-            return qdrant.import_collection(collection, fh, backup.sha256)
+            return qdrant.import_collection(collection, fh, backup.sha256, incident)
 
 
 @task(name="recover-snapshot", **policy(timeout_seconds=6 * 3600, retries=1))
-def recover_snapshot(qdrant: QdrantCluster, collection: str, backup: StoredBackup) -> None:
-    """Have the Qdrant server recover ``collection`` from a snapshot in the bucket (checksum verified by it)."""
-    qdrant.recover_snapshot(collection, qdrant.backup_url(backup.key), backup.sha256)
+def recover_snapshot(qdrant: QdrantCluster, collection: str, backup: StoredBackup, incident: str) -> None:
+    """Have the Qdrant server recover ``collection`` from a snapshot in the bucket (checksum verified by it).
+
+    The server gets a presigned URL valid for 10 minutes; errors name the object, never the URL's signature.
+    """
+    qdrant.recover_snapshot(collection, qdrant.backup_url(backup.key, 600), backup.sha256, incident)
 
 
 @task(name="exact-neighbours-in-postgres", **policy(timeout_seconds=3600))

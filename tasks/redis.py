@@ -8,6 +8,12 @@ from blocks.redis_cache import CacheStats, Latency, RedisCache
 from tasks._policy import policy
 
 
+@task(name="ping-cache", **policy(timeout_seconds=60))
+def ping_cache(cache: RedisCache) -> bool:
+    """Whether the cache answers PING (False when it cannot be reached)."""
+    return cache.is_reachable()
+
+
 @task(name="inspect-cache", **policy(timeout_seconds=60))
 def inspect_cache(cache: RedisCache) -> dict:
     """Server version, role, memory and this database's keyspace."""

@@ -88,6 +88,10 @@ def test_flush_and_warm_up_is_sampled_while_an_app_repopulates(redis_cache, redi
     assert "200 keys" in samples[-1]
     assert {c.name: c.passed for c in report.checks} == {"cache answers": True, "keys repopulated": True,
                                                          "hit rate recovered": True}
+    assert report.facts["RTO counted to"].startswith("the first warm sample")
+    flush_end = next(s.end for s in report.steps if s.step == "Flush the affected database")
+    assert report.service_restored_at > flush_end
+    assert report.facts["Hit rate scope"].startswith("server-wide")
     assert redis.Redis.from_url(f"{redis_server}/5").dbsize() == 9
     assert not any(k.startswith("k") for k in redis.Redis.from_url(f"{redis_server}/3", decode_responses=True).keys())
 
@@ -141,3 +145,40 @@ def test_bad_inputs_are_refused_before_the_flush(redis_cache, redis_server, kwar
         state.result()
     assert load_report(state.state_details.flow_run_id).outcome == "Refused"
     assert redis.Redis.from_url(f"{redis_server}/3").dbsize() == 12
+
+
+def test_a_production_cache_is_never_flushed_without_approval(redis_server, prefect_api):
+    import uuid
+
+    from flows.cache_recovery import cache_recovery
+
+    name = f"cache-prod-{uuid.uuid4().hex[:8]}"
+    cache = RedisCache.from_url(f"{redis_server}/3")
+    assert cache.environment == "production"
+    cache.save(name)
+    _fill(redis_server, 3, 12)
+    state = cache_recovery(cache_block=name, incident_detected_at=datetime.now(timezone.utc),
+                           approval_policy="none", return_state=True)
+    assert state.is_failed()
+    with pytest.raises(InvalidInput, match="'none' is refused .* production"):
+        state.result()
+    assert load_report(state.state_details.flow_run_id).outcome == "Refused"
+    assert redis.Redis.from_url(f"{redis_server}/3").dbsize() == 12
+
+
+def test_hit_rate_has_no_value_across_a_counter_reset(redis_server):
+    from flows.cache_recovery import counters_reset, hit_rate
+
+    cache = RedisCache.from_url(f"{redis_server}/3")
+    client = redis.Redis.from_url(f"{redis_server}/3")
+    client.set("a", "1")
+    for _ in range(5):
+        client.get("a")
+    before = cache.stats()
+    client.config_resetstat()
+    client.get("a")
+    after = cache.stats()
+    assert counters_reset(before, after) and hit_rate(before, after) is None
+    client.get("a"), client.get("missing")
+    later = cache.stats()
+    assert not counters_reset(after, later) and hit_rate(after, later) == 0.5

@@ -221,3 +221,61 @@ def test_no_approval_in_time_promotes_nothing(registry):
     assert state.name == "ApprovalTimedOut", report.summary
     assert block.production_version(reg["model"])[0] == "v2" and report.promotion is None
     assert all(c.passed for c in report.checks if c.stage == "restored")
+
+
+def test_objects_damaged_while_awaiting_approval_are_never_promoted(registry, kube):
+    """Training keeps writing during the approval wait: Jobs are only suspended before the yes, and an object
+    that no longer matches the manifest after the repair stops the run before the pointer flip and the restart."""
+    import threading
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.flow_runs import resume_flow_run
+
+    reg, block = registry, registry["block"]
+    seed_job(kube, "ppo-training")
+    seed_deployment(kube, "optimizer")
+    kube_name = f"kube-{uuid.uuid4().hex[:8]}"
+    kube.save(kube_name)
+    golden_key = f"models/{reg['model']}/v1/golden.npz"
+    seen: dict = {}
+
+    def approve_after_damage() -> None:
+        deadline = time.monotonic() + 60
+        with get_client(sync_client=True) as client:
+            while time.monotonic() < deadline:
+                runs = [r for r in client.read_flow_runs(limit=50)
+                        if r.parameters.get("model") == reg["model"] and r.state and r.state.is_paused()]
+                if runs:
+                    seen["jobs"] = kube.list_jobs()
+                    corrupt(reg, golden_key)
+                    resume_flow_run(runs[0].id, run_input={"approve": True, "approver": "alice", "comment": "ok"})
+                    return
+                time.sleep(0.3)
+
+    approver = threading.Thread(target=approve_after_damage, daemon=True)
+    approver.start()
+    state, report = run(reg, version="v1", approval_policy="required", allowed_approvers=["alice"], drill=False,
+                        kube_block=kube_name, training_job_selector="app=ppo-training", delete_training_jobs=True,
+                        serving_deployments=["optimizer"], rollout_timeout_seconds=10,
+                        approval_timeout_seconds=60, approval_poll_seconds=0.5)
+    approver.join(timeout=5)
+
+    assert seen["jobs"] == [{"name": "ppo-training", "labels": {"app": "ppo-training"}, "suspended": True,
+                             "active": seen["jobs"][0]["active"], "finished": False}]
+    assert state.name == "VerificationFailed", report.summary
+    assert report.approvals and report.approvals[0].approver == "alice"
+    assert kube.list_jobs() == []  # deleted only after the approval
+    assert block.production_version(reg["model"])[0] == "v2" and report.promotion is None
+    golden = next(c for c in report.checks if c.name == "golden.npz current object")
+    assert not golden.passed and golden.stage == "repaired"
+    annotations = kube.get_deployment("optimizer")["spec"]["template"]["metadata"].get("annotations") or {}
+    assert "kubectl.kubernetes.io/restartedAt" not in annotations
+
+
+def test_a_retried_flip_records_the_version_read_before(registry):
+    reg, block = registry, registry["block"]
+    first = block.flip_pointer(reg["model"], "v1", expected_previous="v2")
+    retried = block.flip_pointer(reg["model"], "v1", expected_previous="v2")
+    assert (first.previous, first.already) == ("v2", False)
+    assert (retried.previous, retried.current, retried.already) == ("v2", "v1", True)

@@ -175,6 +175,7 @@ def test_verify_replica_flow_reports_an_incomplete_replica(moto_endpoint, prefec
     report = load_report(state.state_details.flow_run_id)
     assert state.name == "ReplicaIncomplete" and state.is_failed()
     assert report.facts["Missing in the replica"] == ["p/2"]
+    assert report.facts["run_kind"] == "assurance"
     assert {c.name: c.passed for c in report.checks} == {"no object missing in the replica": False,
                                                          "no stale object in the replica": True}
 
@@ -266,7 +267,8 @@ def test_flow_refuses_bad_inputs_before_any_change(history, prefect_api, change,
 
 
 def test_failover_points_apps_at_the_replica_once(moto_endpoint, kube, prefect_api):
-    """The primary is unreachable: dry run changes nothing, the failover repoints and restarts, a re-run repeats nothing."""
+    """The primary is unreachable: dry run changes nothing, the failover repoints and restarts, a re-run after an
+    interruption finishes the secret (endpoint and bucket are both checked) and restarts nothing again."""
     from fixtures_kube import seed_deployment
     from prefect_aws import AwsCredentials
     from prefect_aws.client_parameters import AwsClientParameters
@@ -317,11 +319,63 @@ def test_failover_points_apps_at_the_replica_once(moto_endpoint, kube, prefect_a
     assert {c.name: c.passed for c in report.checks} == {"applications rolled out": True,
                                                          "replica objects readable": True}
     assert report.facts["Replica"].startswith("not compared: the primary could not be listed")
+    assert "run_kind" not in report.facts
     assert report.rto_met
 
+    # An interrupted run left the endpoint switched but the old bucket: the re-run sets the bucket only.
+    kube.set_secret_value("minio", "bucket", "primary-leads")
     again = object_storage_recovery(**params, incident_detected_at=datetime.now(timezone.utc), return_state=True)
     again_report = load_report(again.state_details.flow_run_id)
-    assert again.name == "FailedOver"
-    assert not again_report.approvals and not any("restart" in p for p in again_report.plan)
+    assert again.name == "FailedOver", again_report.summary
+    assert kube.read_secret_value("minio", "bucket").get_secret_value() == replica
+    assert again_report.plan[0] == f"secret {kube.namespace}/minio key bucket: current bucket -> {replica}"
+    assert not any("key endpoint" in p or "restart" in p for p in again_report.plan)
+    assert again_report.approvals  # the secret changes again, so the change is approved again
     assert kube.get_deployment("api")["spec"]["template"]["metadata"]["annotations"][
         "kubectl.kubernetes.io/restartedAt"] == restarted
+
+
+def _multipart_history(s3, bucket: str) -> tuple[datetime, bytes]:
+    """``big/obj`` uploaded in three parts (5, 5 and 1 MiB) before T, overwritten after T; returns (T, content)."""
+    s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    mib = 1024 * 1024
+    content = bytes(range(256)) * (11 * mib // 256)
+    upload = s3.create_multipart_upload(Bucket=bucket, Key="big/obj", ContentType="application/x-model")
+    parts = []
+    for number, start in enumerate(range(0, len(content), 5 * mib), start=1):
+        answer = s3.upload_part(Bucket=bucket, Key="big/obj", UploadId=upload["UploadId"], PartNumber=number,
+                                Body=content[start:start + 5 * mib])
+        parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+    s3.complete_multipart_upload(Bucket=bucket, Key="big/obj", UploadId=upload["UploadId"],
+                                 MultipartUpload={"Parts": parts})
+    assert s3.head_object(Bucket=bucket, Key="big/obj")["ETag"].strip('"').endswith("-3")
+    time.sleep(1.1)
+    as_of = datetime.now(timezone.utc)
+    time.sleep(1.1)
+    s3.put_object(Bucket=bucket, Key="big/obj", Body=b"truncated by a bad deploy")
+    return as_of, content
+
+
+@pytest.mark.parametrize("client, threshold_mib", [("boto3", 5), ("minio", 16)],
+                         ids=["boto3-multipart-copy", "minio-single-copy"])
+def test_restore_of_a_multipart_object_completes_and_a_rerun_adds_no_copy(moto_endpoint, client, threshold_mib):
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint, aws_access_key_id="testing",
+                      aws_secret_access_key="testing", region_name="us-east-1")
+    bucket = _name(f"mp-{client}")
+    as_of, content = _multipart_history(s3, bucket)
+    store = _store(moto_endpoint, bucket, client, multipart_copy_threshold_bytes=threshold_mib * 1024 * 1024)
+
+    plan = store.plan_restore("big/", as_of)
+    assert [c.action for c in plan.changes] == ["restore"] and plan.changes[0].target_etag.endswith("-3")
+    result = store.apply_restore(plan)
+    assert result.applied == 1 and not result.failed, result.failed
+
+    head = s3.head_object(Bucket=bucket, Key="big/obj")
+    assert s3.get_object(Bucket=bucket, Key="big/obj")["Body"].read() == content
+    assert head["ContentType"] == "application/x-model"
+    assert head["ETag"].strip('"').endswith("-3") == (client == "boto3")  # above the threshold: copied in parts
+    assert head["Metadata"]["dr-content-etag"] == plan.changes[0].target_etag
+    assert store.plan_restore("big/", as_of).changes == []  # a re-run copies nothing again
+    assert store.verify_readable(["big/obj"], "primary", {"big/obj": (len(content), plan.changes[0].target_etag)}).passed
+    assert _version_count(s3, bucket) == 3

@@ -207,3 +207,48 @@ def test_block_needs_exactly_one_location():
         QdrantCluster()
     with pytest.raises(ValueError, match="exactly one"):
         QdrantCluster(url="http://q:6333", path="/tmp/q")
+
+
+def test_rebuild_replaces_only_a_leftover_of_the_same_incident(estate):
+    block = estate["block"]
+    incident = f"inc-{uuid.uuid4().hex[:6]}"
+    kept = f"{incident}-r"
+    # A collection with points under the rebuild's name that no recovery of this incident made: kept.
+    block.create_collection(kept, DIMS, "Cosine")
+    block.upsert_batches(kept, [([1, 2, 3], estate["vectors"][:3], [{}] * 3)])
+    before = (block.collections(), block.aliases())
+
+    state, report = run(estate, strategy="reindex", incident_id=incident)
+
+    assert state.is_failed() and report.outcome == "Refused", report.summary
+    assert "it is kept" in report.summary and "not marked" in report.summary
+    assert (block.collections(), block.aliases()) == before and block.count(kept) == 3
+
+    # A rebuild another incident left behind is refused as well.
+    block.delete_collection(kept)
+    block.create_collection(kept, DIMS, "Cosine", incident="another-incident")
+    block.upsert_batches(kept, [([1], estate["vectors"][:1], [{}])])
+    with pytest.raises(InvalidInput, match="marked as rebuilt for incident 'another-incident'"):
+        block.create_collection(kept, DIMS, "Cosine", replace=True, incident=incident)
+    assert block.count(kept) == 1
+
+    # A half-built collection of this same incident is replaced and the run completes.
+    block.delete_collection(kept)
+    block.create_collection(kept, DIMS, "Cosine", incident=incident)
+    block.upsert_batches(kept, [([1, 2], estate["vectors"][:2], [{}] * 2)])
+    state, report = run(estate, strategy="reindex", incident_id=incident)
+    assert state.name == "Recovered", report.summary
+    assert report.facts["leftover replaced"].startswith(kept)
+    assert block.resolve(estate["alias"]) == kept and block.count(kept) == ROWS
+
+
+def test_presigned_urls_are_short_lived_and_never_in_error_texts(qdrant):
+    from blocks.qdrant import _without_query
+
+    _, block = qdrant
+    url = block.backup_url("qdrant/leads/x.snapshot")
+    assert "X-Amz-Expires=600" in url or "Expires=" in url
+    with pytest.raises(InvalidInput, match="between 1 and 3600"):
+        block.backup_url("qdrant/leads/x.snapshot", 86400)
+    text = _without_query(f"recover leads at http://q:6333: HTTP 500: b'cannot download {url}'")
+    assert "Signature" not in text and "Credential" not in text and "x.snapshot?<redacted>" in text
