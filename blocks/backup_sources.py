@@ -104,6 +104,11 @@ class ObjectPrefixSource(BaseModel):
     )
     verify_newest: int = Field(default=20, ge=1, le=10_000,
                                description="At most this many of the newest objects are downloaded for checksums.")
+    require_checksum: bool = Field(
+        default=True,
+        description="Whether a backup with no sha256 to verify against (no manifest entry, no 'sha256' metadata) "
+                    "fails the critical integrity check; False makes it a non-critical warning.",
+    )
     critical: bool = Field(default=True, description="Whether a failure of this source fails the validation run.")
 
     @model_validator(mode="after")
@@ -250,6 +255,11 @@ class BackupSources(Block):
             text = s3.get_object(Bucket=source.bucket, Key=key)["Body"].read().decode()
         except s3.exceptions.NoSuchKey as exc:
             raise InvalidInput(f"checksum manifest s3://{source.bucket}/{key} does not exist") from exc
+        except (BotoCoreError, ClientError) as exc:
+            raise _s3_error(exc, f"reading the checksum manifest s3://{source.bucket}/{key}") from exc
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"checksum manifest s3://{source.bucket}/{key} is not UTF-8 text "
+                               f"(byte {exc.start}); expected JSON or sha256sum lines") from exc
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
@@ -319,7 +329,8 @@ class BackupSources(Block):
                 expected[key] = meta["sha256"].lower()
         to_check = [k for k in expected if k in present][: source.verify_newest if not source.checksum_manifest else None]
         if not to_check and not missing:
-            return BackupCheck(name, "integrity", False, "no sha256 manifest or metadata to verify against", False)
+            return BackupCheck(name, "integrity", False, "no sha256 manifest or metadata to verify against",
+                               crit and source.require_checksum)
         bad = [k for k in to_check if self._sha256(s3, source.bucket, k) != expected[k]]
         problems = [f"sha256 mismatch: {k}" for k in bad] + [f"listed but missing: {k}" for k in missing]
         return BackupCheck(name, "integrity", not problems,

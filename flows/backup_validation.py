@@ -5,6 +5,7 @@ Runbook (continuity plans: "Testing Schedule & Procedures" - backup validation; 
   2. for each source: it exists, its newest backup is non-empty and within its RPO, its files
      verify (pgbackrest verify, sha256 checksums), and retention is as configured
   3. publish the checks as a table; a failed critical check fails the run and alerts on-call
+  4. a validation that cannot run at all (missing or invalid sources block, unexpected error) alerts too
 """
 
 from __future__ import annotations
@@ -26,22 +27,26 @@ def backup_validation(sources_block: str = "default", notifier: str | None = Non
 
     Args:
         sources_block: name of the BackupSources block.
-        notifier: notification block ('<block-type-slug>/<name>') alerted on a failed critical check;
-            defaults to the one the ``dr_notifier`` variable names.
+        notifier: notification block ('<block-type-slug>/<name>') alerted on a failed critical check or
+            when the validation cannot run; defaults to the one the ``dr_notifier`` variable names.
 
     Returns:
         Completed("Valid") or Failed("BackupValidationFailed"); either carries the checks as a list of dicts.
     """
     logger = get_run_logger()
     started = utcnow()
-    sources = load_block(BackupSources, sources_block)
-    sources.check_settings()
-    checks: list[BackupCheck] = []
-    for source in sources.pgbackrest:
-        checks += _checked(source.label, source.critical, lambda s=source: check_pgbackrest_backups(sources, s))
-    for source in sources.object_prefixes:
-        checks += _checked(source.label, source.critical, lambda s=source: check_object_backups(sources, s))
-    publish_backup_checks(checks)
+    try:
+        sources = load_block(BackupSources, sources_block)
+        sources.check_settings()
+        checks: list[BackupCheck] = []
+        for source in sources.pgbackrest:
+            checks += _checked(source.label, source.critical, lambda s=source: check_pgbackrest_backups(sources, s))
+        for source in sources.object_prefixes:
+            checks += _checked(source.label, source.critical, lambda s=source: check_object_backups(sources, s))
+        publish_backup_checks(checks)
+    except Exception as exc:  # alerted, then re-raised: a validation that cannot run is itself a failure
+        _alert(notifier, f"backup validation could not run: {type(exc).__name__}: {exc}", started)
+        raise
     data = [c.as_dict() for c in checks]
     failed = [c for c in checks if c.critical and not c.passed]
     warnings = [c for c in checks if not c.critical and not c.passed]
@@ -49,14 +54,18 @@ def backup_validation(sources_block: str = "default", notifier: str | None = Non
         logger.warning("Non-critical check failed: %s: %s", c.name, c.detail)
     if failed:
         summary = f"{len(failed)} critical backup check(s) failed: " + "; ".join(f"{c.name} ({c.detail})" for c in failed[:5])
-        send_notification(notifier, initial_alert(
-            severity="P2", service="backups", impact=summary, started_at=started, commander="on-call",
-            war_room=f"flow run {runtime.flow_run.name}"))
+        _alert(notifier, summary, started)
         return Failed(name="BackupValidationFailed", message=summary, data=data)
     message = f"{len(checks)} checks over {len(sources.pgbackrest) + len(sources.object_prefixes)} sources passed"
     if warnings:
         message += f"; {len(warnings)} non-critical warning(s)"
     return Completed(name="Valid", message=message, data=data)
+
+
+def _alert(notifier: str | None, impact: str, started) -> None:
+    send_notification(notifier, initial_alert(
+        severity="P2", service="backups", impact=impact, started_at=started, commander="on-call",
+        war_room=f"flow run {runtime.flow_run.name}"))
 
 
 def _checked(label: str, critical: bool, run) -> list[BackupCheck]:

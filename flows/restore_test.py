@@ -5,6 +5,7 @@ Runbook (continuity plans: "Testing Schedule & Procedures" - restoration test; "
   2. restore the latest backup plus WAL up to the restore point into a NEW scratch instance
   3. verify it (pg_amcheck) and compare row counts and sentinel queries with the source
   4. always clean up: stop the scratch instance and delete its directory, also when a step failed
+     (a cleanup that fails is a failed critical check: the run fails and alerts)
   5. report (time to restore against the objective); a failure alerts on-call
 """
 
@@ -15,7 +16,14 @@ from prefect.states import Completed, Failed, State
 
 from blocks import PostgresCluster, RecoveryObjectives, VerificationQuery
 from blocks.errors import InvalidInput
-from tasks.backups import compare_with_source, discard_scratch_instance, mark_restore_point
+from blocks.backup_sources import BackupCheck
+from tasks.backups import (
+    check_primary_reachable,
+    compare_with_source,
+    count_rows,
+    discard_scratch_instance,
+    mark_restore_point,
+)
 from tasks.estate import load_block
 from tasks.evidence import RecoveryReport, publish_evidence, utcnow
 from tasks.notify import initial_alert, send_notification
@@ -61,10 +69,10 @@ def restore_test(
             objective = objectives.for_function(business_function)
             report.rto_objective_seconds, report.rpo_objective_seconds = objective.rto_seconds, objective.rpo_seconds
             cluster = load_block(PostgresCluster, cluster_block)
-            if not cluster.is_reachable():
+            if not check_primary_reachable(cluster):
                 raise InvalidInput(f"cluster {cluster_block!r}: primary {cluster.primary.address} is unreachable")
             for table in tables:
-                cluster.row_count(table)  # refuses a table the source does not have, before restoring
+                count_rows(cluster, table)  # refuses a table the source does not have, before restoring
             step.detail = f"{len(tables)} tables, {len(queries)} sentinel queries"
 
         with report.step("Mark a restore point and archive it (restore target)") as step:
@@ -104,9 +112,7 @@ def restore_test(
         raise
     finally:
         if cluster is not None:
-            with report.step("Clean up the scratch instance") as step:
-                removed = discard_scratch_instance(cluster, scratch_id)
-                step.detail = "removed " + (", ".join(removed) if removed else "nothing (no scratch was created)")
+            _clean_up(cluster, scratch_id, report)
         report.ended_at = utcnow()
         if report.outcome != "Restored":
             _alert(notifier, report, started)
@@ -116,6 +122,20 @@ def restore_test(
     if report.outcome != "Restored":
         return Failed(name=report.outcome, message=report.summary)
     return Completed(name="Restored", message=report.summary)
+
+
+def _clean_up(cluster: PostgresCluster, scratch_id: str, report: RecoveryReport) -> None:
+    """Remove the scratch instance; a cleanup that fails is a failed critical check, never a silent leftover."""
+    try:
+        with report.step("Clean up the scratch instance") as step:
+            removed = discard_scratch_instance(cluster, scratch_id)
+            step.detail = "removed " + (", ".join(removed) if removed else "nothing (no scratch was created)")
+    except Exception as exc:  # recorded as a failed check and alerted: the run must still report and alert
+        report.add_checks("cleanup", [BackupCheck(
+            "", "scratch instance removed", False, f"{scratch_id} may be left behind: {type(exc).__name__}: {exc}")])
+        if report.outcome == "Restored":
+            report.outcome = "RestoreTestFailed"
+        report.summary += f" The scratch instance {scratch_id} could not be removed: {exc}"
 
 
 def _alert(notifier: str | None, report: RecoveryReport, started) -> None:

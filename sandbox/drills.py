@@ -161,8 +161,12 @@ def save_assurance_blocks(ep) -> None:
     BackupSources(
         pgbackrest=[PgBackRestSource(cluster_block=estate.CLUSTER_BLOCK)],
         object_prefixes=[
-            ObjectPrefixSource(kind="qdrant", bucket=drill_ml.QDRANT_BUCKET, prefix="qdrant/", critical=False),
-            ObjectPrefixSource(kind="models", bucket=drill_ml.MODELS_BUCKET, prefix="models/", critical=False),
+            # Qdrant exports keep their sha256 beside the export and model manifests list theirs:
+            # neither is in the form the validator reads, so their checksums are checked by their flows.
+            ObjectPrefixSource(kind="qdrant", bucket=drill_ml.QDRANT_BUCKET, prefix="qdrant/", critical=False,
+                               require_checksum=False),
+            ObjectPrefixSource(kind="models", bucket=drill_ml.MODELS_BUCKET, prefix="models/", critical=False,
+                               require_checksum=False),
         ],
         aws_credentials=ep.aws_credentials(),
     ).save("default", overwrite=True)

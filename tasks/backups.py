@@ -52,3 +52,15 @@ def discard_scratch_instance(cluster: PostgresCluster, scratch_id: str) -> list[
 def mark_restore_point(cluster: PostgresCluster, name: str) -> str:
     """Record a named restore point on the primary; returns its LSN."""
     return cluster.create_restore_point(name)
+
+
+@task(name="check-primary-reachable", **policy(timeout_seconds=60))
+def check_primary_reachable(cluster: PostgresCluster) -> bool:
+    """True when the primary accepts a session."""
+    return cluster.is_reachable()
+
+
+@task(name="count-rows", **policy(timeout_seconds=600))
+def count_rows(cluster: PostgresCluster, table: str) -> int:
+    """Exact row count of ``table`` on the primary; refuses (InvalidInput) a table it does not have."""
+    return cluster.row_count(table)

@@ -20,15 +20,17 @@ import math
 import socket
 import ssl
 import time
+from contextlib import closing
 from datetime import datetime, timezone
+from typing import Literal
 
 import httpx
-from botocore.exceptions import BotoCoreError, ClientError
 from prefect import task
-from prefect_aws import AwsCredentials
 
 from blocks.errors import InvalidInput, RecoveryError
+from blocks.object_store import ObjectStore
 from blocks.postgres import CheckResult, PostgresCluster
+from blocks.qdrant import QdrantCluster
 from tasks._policy import policy
 
 
@@ -73,44 +75,44 @@ def check_database_connectivity(cluster: PostgresCluster) -> CheckResult:
 
 
 @task(name="check-objects-accessible", **policy(timeout_seconds=120, retries=0))
-def check_objects_accessible(credentials: AwsCredentials, bucket: str, prefix: str = "") -> CheckResult:
-    """Objects under ``s3://bucket/prefix`` can be listed and the first one read."""
-    name = f"objects accessible: s3://{bucket}/{prefix}"
-    s3 = credentials.get_client("s3")
+def check_objects_accessible(store: ObjectStore, prefix: str = "",
+                             which: Literal["primary", "secondary"] = "primary") -> CheckResult:
+    """Objects under ``prefix`` of the store's ``which`` bucket can be listed, and the first one read in full."""
+    name = f"objects accessible: {which} {prefix or '(all)'}"
     try:
-        listing = s3.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1).get("Contents", [])
+        listing = store.list_objects(prefix, which)
         if not listing:
             return CheckResult(name, False, "no object found")
-        body = s3.get_object(Bucket=bucket, Key=listing[0]["Key"], Range="bytes=0-1023")["Body"].read()
-    except (BotoCoreError, ClientError) as exc:
-        return CheckResult(name, False, f"{type(exc).__name__}: {exc}")
-    return CheckResult(name, True, f"read {len(body)} bytes of {listing[0]['Key']}")
+        first = listing[min(listing)]
+        read = store.verify_readable([first.key], which, expected={first.key: (first.size, first.etag)})
+    except RecoveryError as exc:
+        return CheckResult(name, False, str(exc))
+    if not read.passed:
+        return CheckResult(name, False, "; ".join(f"{k}: {why}" for k, why in read.unreadable))
+    return CheckResult(name, True, f"read {first.size} bytes of {first.key}")
 
 
 @task(name="check-qdrant-searchable", **policy(timeout_seconds=120, retries=0))
-def check_qdrant_searchable(location: str, collection: str, min_points: int = 1, api_key: str | None = None) -> CheckResult:
-    """A Qdrant collection (server URL, or the directory of an embedded store) holds points and answers a search."""
-    from qdrant_client import QdrantClient
+def check_qdrant_searchable(qdrant: QdrantCluster, collection: str, min_points: int = 1) -> CheckResult:
+    """A Qdrant collection (or alias) holds at least ``min_points`` points, and a search for a stored vector finds it."""
+    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
     name = f"qdrant searchable: {collection}"
-    remote = location.startswith(("http://", "https://"))
-    client = QdrantClient(url=location, api_key=api_key, timeout=10) if remote else QdrantClient(path=location)
     try:
-        if not client.collection_exists(collection):
-            return CheckResult(name, False, "collection does not exist")
-        count = client.count(collection, exact=True).count
-        if count < min_points:
-            return CheckResult(name, False, f"{count} points, expected at least {min_points}")
-        first = client.scroll(collection, limit=1, with_vectors=True)[0]
-        vector = first[0].vector if first else None
-        if isinstance(vector, dict):
-            vector = next(iter(vector.values()))
-        hits = client.query_points(collection, query=vector, limit=1).points if vector is not None else []
-    except (ValueError, RuntimeError, OSError) as exc:
+        info = qdrant.collection_info(collection)
+        if info.points < min_points:
+            return CheckResult(name, False, f"{info.points} points, expected at least {min_points}")
+        with closing(qdrant.scroll_batches(info.name, batch_size=1)) as batches:
+            sample = next(batches, None)
+        if sample is None:
+            return CheckResult(name, False, f"{info.points} points counted, but none could be read back")
+        ids, vectors, _ = sample
+        recall = qdrant.sample_recall(info.name, vectors[:1], [[ids[0]]], k=10)
+    except (RecoveryError, ResponseHandlingException, UnexpectedResponse) as exc:
         return CheckResult(name, False, f"{type(exc).__name__}: {exc}")
-    finally:
-        client.close()
-    return CheckResult(name, bool(hits), f"{count} points; a search returned {len(hits)} hit(s)")
+    found = recall.queries == 1 and recall.recall == 1.0
+    return CheckResult(name, found, f"{info.points} points; a search for a stored vector "
+                       + ("found it" if found else "did not find it"))
 
 
 @task(name="check-tls-certificate", **policy(timeout_seconds=60, retries=0))

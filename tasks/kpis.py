@@ -1,14 +1,22 @@
 """Key performance indicators of the recovery programme, computed from the Prefect run history.
 
 From the continuity plan's "Key Performance Indicators" and "Success Criteria":
-- RTO compliance: share of recovery runs (incidents and drills) that restored service within the RTO objective;
-- RPO compliance: share of recovery runs whose data-loss window was within the RPO objective;
 - recovery success rate: share of recovery runs that completed (service restored);
+- RTO compliance: share of restored runs (incidents and drills) that restored service within the RTO objective;
+- RPO compliance: share of restored runs whose data-loss window was within the RPO objective;
 - backup success rate: share of backup-validation and restore-test runs that passed;
 - MTTR per scenario: mean time from detection to service restored, over successful runs.
 
-A recovery run is a flow run that published a recovery report (``dr-report``) and is not a dry
-run or refused input; a run that failed or has no measurement counts as not meeting the objective.
+How runs count:
+- A recovery run is a flow run that published a recovery report (``dr-report``). Not counted at all:
+  dry runs, refused input (``Refused``: nothing was attempted), assurance runs (reports whose
+  ``facts["run_kind"]`` is ``"assurance"``, e.g. scheduled replica checks) and restore tests
+  (counted as backup runs).
+- ``Rejected`` (Cancelled) and ``ApprovalTimedOut`` runs are recovery runs that did not recover: they
+  lower the recovery success rate, and are listed apart as "not approved".
+- RTO and RPO compliance are measured over restored runs only: runs that reached a service-restored
+  point (an RTO was measured). A restored run without an RPO measurement misses the RPO objective.
+  Runs that never restored service are visible in the recovery success rate, not in compliance.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ from tasks.evidence import REPORT_KEY
 
 BACKUP_FLOWS = ("backup-validation", "restore-test")
 NOT_RECOVERIES = ("restore-test",)
+NOT_APPROVED = ("Rejected", "ApprovalTimedOut")
+ASSURANCE = "assurance"
 FINAL = [StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED]
 _DURATION = re.compile(r"^(\d+)([mhdw])$")
 
@@ -73,11 +83,21 @@ class RunRecord:
     rto_objective_seconds: int | None = None
     rpo_seconds: float | None = None
     rpo_objective_seconds: int | None = None
+    run_kind: str | None = None
 
     @property
     def is_recovery(self) -> bool:
         return (self.scenario is not None and self.scenario not in NOT_RECOVERIES and not self.dry_run
-                and self.outcome != "Refused")
+                and self.outcome != "Refused" and self.run_kind != ASSURANCE)
+
+    @property
+    def restored(self) -> bool:
+        """The run reached a service-restored point: its RTO was measured."""
+        return self.rto_seconds is not None
+
+    @property
+    def not_approved(self) -> bool:
+        return self.outcome in NOT_APPROVED
 
     @property
     def succeeded(self) -> bool:
@@ -89,6 +109,7 @@ class ScenarioKpi:
     scenario: str
     runs: int
     succeeded: int
+    restored: int
     rto_met: int
     rpo_met: int
     mttr_seconds: float | None
@@ -100,6 +121,8 @@ class Kpis:
     until: datetime
     recovery_runs: int
     drill_runs: int
+    restored_runs: int
+    not_approved_runs: int
     rto_compliance: float | None
     rpo_compliance: float | None
     recovery_success_rate: float | None
@@ -132,15 +155,18 @@ def compute_kpis(records: list[RunRecord], since: datetime, until: datetime) -> 
         ok = [r for r in runs if r.succeeded and r.rto_seconds is not None]
         scenarios.append(ScenarioKpi(
             scenario=name, runs=len(runs), succeeded=sum(r.succeeded for r in runs),
+            restored=sum(r.restored for r in runs),
             rto_met=sum(_met(r.rto_seconds, r.rto_objective_seconds) for r in runs),
             rpo_met=sum(_met(r.rpo_seconds, r.rpo_objective_seconds) for r in runs),
             mttr_seconds=round(sum(r.rto_seconds for r in ok) / len(ok), 1) if ok else None,
         ))
+    restored = [r for r in recoveries if r.restored]
     return Kpis(
         since=since, until=until,
         recovery_runs=len(recoveries), drill_runs=sum(r.drill for r in recoveries),
-        rto_compliance=_rate(sum(_met(r.rto_seconds, r.rto_objective_seconds) for r in recoveries), len(recoveries)),
-        rpo_compliance=_rate(sum(_met(r.rpo_seconds, r.rpo_objective_seconds) for r in recoveries), len(recoveries)),
+        restored_runs=len(restored), not_approved_runs=sum(r.not_approved for r in recoveries),
+        rto_compliance=_rate(sum(_met(r.rto_seconds, r.rto_objective_seconds) for r in restored), len(restored)),
+        rpo_compliance=_rate(sum(_met(r.rpo_seconds, r.rpo_objective_seconds) for r in restored), len(restored)),
         recovery_success_rate=_rate(sum(r.succeeded for r in recoveries), len(recoveries)),
         backup_runs=len(backups), backup_success_rate=_rate(sum(r.succeeded for r in backups), len(backups)),
         scenarios=scenarios,
@@ -166,6 +192,7 @@ def collect_runs(since: datetime, until: datetime | None = None, tags: list[str]
                     flow_names[run.flow_id] = client.read_flow(run.flow_id).name
                 report = read_flow_run_input(REPORT_KEY, flow_run_id=run.id)
                 report = report if isinstance(report, dict) else {}
+                facts = report.get("facts") if isinstance(report.get("facts"), dict) else {}
                 records.append(RunRecord(
                     flow_run_id=str(run.id), flow_name=flow_names[run.flow_id],
                     state_type=run.state.type.value if run.state else "UNKNOWN",
@@ -174,6 +201,7 @@ def collect_runs(since: datetime, until: datetime | None = None, tags: list[str]
                     drill=bool(report.get("drill")), dry_run=bool(report.get("dry_run")),
                     rto_seconds=report.get("rto_seconds"), rto_objective_seconds=report.get("rto_objective_seconds"),
                     rpo_seconds=report.get("rpo_seconds"), rpo_objective_seconds=report.get("rpo_objective_seconds"),
+                    run_kind=facts.get("run_kind"),
                 ))
             if len(page) < page_size:
                 break
@@ -191,6 +219,14 @@ def _dur(value: float | None) -> str:
     return f"{value:.1f} s" if value < 120 else f"{value / 60:.1f} min"
 
 
+COUNTING = (
+    "How runs count: dry runs, refused input, assurance runs (replica checks) and restore tests are not "
+    "recovery runs. Rejected and approval-timed-out runs count as recovery runs that did not recover. "
+    "RTO and RPO compliance are measured over runs that restored service; a run that never restored "
+    "service lowers the recovery success rate instead."
+)
+
+
 def render_kpis(k: Kpis) -> str:
     """The KPIs as markdown, against the plan's targets."""
     lines = [
@@ -203,13 +239,15 @@ def render_kpis(k: Kpis) -> str:
         f"| Recovery success rate | {_pct(k.recovery_success_rate)} | > 95 % |",
         f"| Backup success rate | {_pct(k.backup_success_rate)} | > 99 % |",
         "",
-        f"{k.recovery_runs} recovery runs ({k.drill_runs} drills), {k.backup_runs} backup validation / restore test runs.",
+        f"{k.recovery_runs} recovery runs ({k.drill_runs} drills, {k.restored_runs} restored service, "
+        f"{k.not_approved_runs} not approved), {k.backup_runs} backup validation / restore test runs.",
         "",
-        "| Scenario | Runs | Succeeded | RTO met | RPO met | MTTR |",
-        "|---|---|---|---|---|---|",
+        "| Scenario | Runs | Succeeded | Restored | RTO met | RPO met | MTTR |",
+        "|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {s.scenario} | {s.runs} | {s.succeeded} | {s.rto_met} | {s.rpo_met} | {_dur(s.mttr_seconds)} |"
-              for s in k.scenarios] or ["| - | 0 | 0 | 0 | 0 | - |"]
+    lines += [f"| {s.scenario} | {s.runs} | {s.succeeded} | {s.restored} | {s.rto_met} | {s.rpo_met} "
+              f"| {_dur(s.mttr_seconds)} |" for s in k.scenarios] or ["| - | 0 | 0 | 0 | 0 | 0 | - |"]
+    lines += ["", COUNTING]
     return "\n".join(lines) + "\n"
 
 

@@ -102,10 +102,20 @@ def deliver(notifier: str | None, message: str, subject: str | None = None) -> b
         return False
     try:
         load_notifier(name).notify(message, subject)
-    except (httpx.HTTPError, OSError, RecoveryError) as exc:
+    except RecoveryError as exc:
         logger.warning("Notification through %s failed: %s", name, exc)
         return False
+    except (httpx.HTTPError, OSError) as exc:
+        logger.warning("Notification through %s failed: %s", name, _redacted(exc))
+        return False
     return True
+
+
+def _redacted(exc: BaseException) -> str:
+    """What went wrong, without the URL: a webhook URL carries its token."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"the receiver answered HTTP {exc.response.status_code}"
+    return f"{type(exc).__name__} (delivery failed before an answer)"
 
 
 @task(name="send-notification", **policy(timeout_seconds=60, retries=2))

@@ -56,11 +56,12 @@ def sources_for(aws, **extra) -> BackupSources:
         aws_credentials=aws,
         object_prefixes=[
             ObjectPrefixSource(kind="qdrant", bucket=BUCKET, prefix="qdrant/"),
-            ObjectPrefixSource(kind="kubernetes", bucket=BUCKET, prefix="kubernetes/"),
+            # Manifest exports carry no checksums: explicitly not required, a missing one is a warning.
+            ObjectPrefixSource(kind="kubernetes", bucket=BUCKET, prefix="kubernetes/", require_checksum=False),
             ObjectPrefixSource(kind="models", bucket=BUCKET, prefix="models/ranker/v3/", checksum_manifest="SHA256SUMS"),
             ObjectPrefixSource(kind="objects", bucket=BUCKET, prefix="missing/"),
-            ObjectPrefixSource(kind="objects", bucket=BUCKET, prefix="empty/"),
-            ObjectPrefixSource(kind="kubernetes", bucket=BUCKET, prefix="stale/", rpo_seconds=1),
+            ObjectPrefixSource(kind="objects", bucket=BUCKET, prefix="empty/", require_checksum=False),
+            ObjectPrefixSource(kind="kubernetes", bucket=BUCKET, prefix="stale/", rpo_seconds=1, require_checksum=False),
             ObjectPrefixSource(kind="models", bucket=BUCKET, prefix="corrupt/", checksum_manifest="SHA256SUMS"),
         ],
         **extra,
@@ -131,6 +132,60 @@ def test_failed_validation_alerts(seeded, notifier, webhook, prefect_api):
     assert state.is_failed()
     text = webhook.wait_for(lambda t: "INCIDENT ALERT" in t)[0]
     assert "Service: backups" in text and "missing/: exists" in text
+
+
+def test_a_backup_without_checksum_fails_unless_not_required(seeded, prefect_api):
+    aws, s3 = seeded
+    put(s3, "unsummed/dump.sql.gz", b"a dump nobody hashed")
+    required, optional = f"sources-{uuid.uuid4().hex[:8]}", f"sources-{uuid.uuid4().hex[:8]}"
+    BackupSources(aws_credentials=aws, object_prefixes=[
+        ObjectPrefixSource(kind="objects", bucket=BUCKET, prefix="unsummed/")]).save(required)
+    BackupSources(aws_credentials=aws, object_prefixes=[
+        ObjectPrefixSource(kind="objects", bucket=BUCKET, prefix="unsummed/", require_checksum=False)]).save(optional)
+    state, data = run(required)
+    assert state.is_failed() and failing(data) == {("objects/s3://dr-backups/unsummed/", "integrity")}
+    state, data = run(optional)
+    assert state.is_completed() and "1 non-critical warning" in state.message
+    integrity = next(c for c in data if c["check"] == "integrity")
+    assert not integrity["passed"] and not integrity["critical"]
+
+
+def test_unreadable_manifests_fail_their_check_and_alert(seeded, notifier, webhook, prefect_api):
+    aws, s3 = seeded
+    model = b"archived weights"
+    put(s3, "archived/model.bin", model)
+    s3.put_object(Bucket=BUCKET, Key="archived/SHA256SUMS", StorageClass="GLACIER",
+                  Body=f"{hashlib.sha256(model).hexdigest()}  model.bin\n".encode())
+    put(s3, "binary/model.bin", model)
+    put(s3, "binary/SHA256SUMS", b"\xff\xfe\x00not a text manifest")
+    name = f"sources-{uuid.uuid4().hex[:8]}"
+    BackupSources(aws_credentials=aws, object_prefixes=[
+        ObjectPrefixSource(kind="models", bucket=BUCKET, prefix="archived/", checksum_manifest="SHA256SUMS"),
+        ObjectPrefixSource(kind="models", bucket=BUCKET, prefix="binary/", checksum_manifest="SHA256SUMS"),
+    ]).save(name)
+    state = backup_validation(sources_block=name, notifier=notifier, return_state=True)
+    data = state.result(raise_on_failure=False)
+    assert state.is_failed() and state.name == "BackupValidationFailed"
+    assert failing(data) == {("models/s3://dr-backups/archived/", "checked"),
+                             ("models/s3://dr-backups/binary/", "integrity")}
+    by = {c["source"]: c["detail"] for c in data if not c["passed"]}
+    assert "InvalidObjectState" in by["models/s3://dr-backups/archived/"]
+    assert "is not UTF-8 text" in by["models/s3://dr-backups/binary/"]
+    text = webhook.wait_for(lambda t: "INCIDENT ALERT" in t)[0]
+    assert "archived/: checked" in text and "binary/: integrity" in text
+
+
+def test_a_validation_that_cannot_run_alerts(notifier, webhook, prefect_api):
+    missing = f"no-such-sources-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(InvalidInput, match=missing):
+        backup_validation(sources_block=missing, notifier=notifier)
+    text = webhook.wait_for(lambda t: "backup validation could not run" in t)[0]
+    assert "Service: backups" in text and missing in text
+    empty = f"sources-{uuid.uuid4().hex[:8]}"
+    BackupSources().save(empty)
+    with pytest.raises(InvalidInput, match="nothing to validate"):
+        backup_validation(sources_block=empty, notifier=notifier)
+    webhook.wait_for(lambda t: "nothing to validate" in t)
 
 
 def test_settings_refused_before_anything_runs(aws):

@@ -53,18 +53,49 @@ def test_health_and_latency(health):
 
 
 def test_objects_accessible(aws):
+    from blocks.object_store import ObjectStore
+
     s3 = aws.get_client("s3")
     s3.create_bucket(Bucket="leads")
-    assert not run(checklist.check_objects_accessible, aws, "leads", "docs/").passed
+    store = ObjectStore(bucket_name="leads", credentials=aws)
+    empty = run(checklist.check_objects_accessible, store, "docs/")
+    assert not empty.passed and empty.detail == "no object found"
     s3.put_object(Bucket="leads", Key="docs/a.pdf", Body=b"%PDF-1.7")
-    ok = run(checklist.check_objects_accessible, aws, "leads", "docs/")
+    ok = run(checklist.check_objects_accessible, store, "docs/")
     assert ok.passed and ok.detail == "read 8 bytes of docs/a.pdf"
-    assert not run(checklist.check_objects_accessible, aws, "no-such-bucket").passed
+    missing = run(checklist.check_objects_accessible, ObjectStore(bucket_name="no-such-bucket", credentials=aws))
+    assert not missing.passed and "NoSuchBucket" in missing.detail
+    assert not run(checklist.check_objects_accessible, store, "docs/", which="secondary").passed  # none configured
+
+
+def _answering(status: int) -> int:
+    """A local HTTP server answering every request with ``status`` and a JSON body; returns its port."""
+    from http.server import ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self):
+            body = b'{"status": {"error": "not here"}, "time": 0}'
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = _answer  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server.server_port
 
 
 def test_qdrant_populated_and_searchable(tmp_path):
     from qdrant_client import QdrantClient
     from qdrant_client.models import Distance, PointStruct, VectorParams
+
+    from blocks.qdrant import QdrantCluster
 
     path = str(tmp_path / "qdrant")
     client = QdrantClient(path=path)
@@ -72,10 +103,19 @@ def test_qdrant_populated_and_searchable(tmp_path):
     client.create_collection("empty", vectors_config=VectorParams(size=4, distance=Distance.COSINE))
     client.upsert("leads", [PointStruct(id=i, vector=[i, 1.0, 0.5, 0.25], payload={"n": i}) for i in range(1, 6)])
     client.close()
-    ok = run(checklist.check_qdrant_searchable, path, "leads", min_points=5)
-    assert ok.passed and ok.detail == "5 points; a search returned 1 hit(s)"
-    assert run(checklist.check_qdrant_searchable, path, "empty").detail == "0 points, expected at least 1"
-    assert not run(checklist.check_qdrant_searchable, path, "missing").passed
+    qdrant = QdrantCluster(path=path)
+    ok = run(checklist.check_qdrant_searchable, qdrant, "leads", min_points=5)
+    assert ok.passed and ok.detail == "5 points; a search for a stored vector found it", ok.detail
+    assert run(checklist.check_qdrant_searchable, qdrant, "empty").detail == "0 points, expected at least 1"
+    missing = run(checklist.check_qdrant_searchable, qdrant, "missing")
+    assert not missing.passed and "not found" in missing.detail
+    # A server that does not answer, and one that answers with an error: failed checks, not exceptions.
+    down = QdrantCluster(url=f"http://127.0.0.1:{free_port()}", timeout_seconds=2)
+    refused = run(checklist.check_qdrant_searchable, down, "leads")
+    assert not refused.passed and "unreachable" in refused.detail, refused.detail
+    broken = QdrantCluster(url=f"http://127.0.0.1:{_answering(500)}", timeout_seconds=2)
+    failing = run(checklist.check_qdrant_searchable, broken, "leads")
+    assert not failing.passed and "HTTP 500" in failing.detail, failing.detail
 
 
 def _tls_server(tmp_path, days: int) -> int:

@@ -11,7 +11,7 @@ import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.input.actions import create_flow_run_input
-from prefect.states import Completed, Failed, Running
+from prefect.states import Cancelled, Completed, Failed, Running
 
 from blocks.errors import InvalidInput
 from tasks.evidence import REPORT_KEY
@@ -22,11 +22,12 @@ SINCE = NOW - timedelta(days=30)
 
 
 def rec(flow_name="database-corruption-recovery", state="COMPLETED", scenario="db-corruption", rto=600.0, rpo=60.0,
-        rto_obj=900, rpo_obj=300, drill=False, dry_run=False, outcome="Recovered", days_ago=1) -> RunRecord:
+        rto_obj=900, rpo_obj=300, drill=False, dry_run=False, outcome="Recovered", days_ago=1,
+        run_kind=None) -> RunRecord:
     return RunRecord(flow_run_id=str(uuid.uuid4()), flow_name=flow_name, state_type=state, state_name=outcome or state,
                      started_at=NOW - timedelta(days=days_ago), scenario=scenario, outcome=outcome, drill=drill,
                      dry_run=dry_run, rto_seconds=rto, rto_objective_seconds=rto_obj, rpo_seconds=rpo,
-                     rpo_objective_seconds=rpo_obj)
+                     rpo_objective_seconds=rpo_obj, run_kind=run_kind)
 
 
 KNOWN = [
@@ -37,6 +38,9 @@ KNOWN = [
     rec(scenario="cache-corruption", rto=30, rpo=0, rto_obj=1800, rpo_obj=0, drill=True),
     rec(dry_run=True, outcome="DryRun", rto=None, rpo=None),     # excluded: dry run
     rec(state="FAILED", outcome="Refused", rto=None, rpo=None),  # excluded: refused input
+    rec(flow_name="object-storage-recovery", scenario="object-storage-loss", outcome="ReplicaComplete", rto=None,
+        rpo=None, run_kind="assurance"),                         # excluded: scheduled replica check
+    rec(state="CANCELLED", outcome="Rejected", rto=None, rpo=None),  # a recovery, not successful, not in RTO/RPO
     rec(days_ago=45),                                            # excluded: outside the window
     rec(flow_name="backup-validation", scenario=None, outcome=None),
     rec(flow_name="backup-validation", scenario=None, outcome=None),
@@ -47,18 +51,29 @@ KNOWN = [
 
 def test_kpis_from_a_known_set_of_runs():
     k = compute_kpis(KNOWN, SINCE, NOW)
-    assert k.recovery_runs == 5 and k.drill_runs == 2
-    assert k.rto_compliance == 60.0  # 3 of 5: 600, 300, 30 within objective
-    assert k.rpo_compliance == 60.0  # 3 of 5: 60, 60, 0
-    assert k.recovery_success_rate == 80.0
+    assert k.recovery_runs == 6 and k.drill_runs == 2  # not the dry run, refused, assurance run or restore test
+    assert (k.restored_runs, k.not_approved_runs) == (4, 1)
+    assert k.rto_compliance == 75.0  # 3 of the 4 restored runs: 600, 300, 30 within objective
+    assert k.rpo_compliance == 75.0  # 3 of 4: 60, 60, 0
+    assert k.recovery_success_rate == 66.7  # 4 of 6: the failed and the rejected run did not recover
     assert k.backup_runs == 4 and k.backup_success_rate == 75.0
     by = {s.scenario: s for s in k.scenarios}
-    assert set(by) == {"db-corruption", "cache-corruption"}
-    assert (by["db-corruption"].runs, by["db-corruption"].succeeded, by["db-corruption"].mttr_seconds) == (4, 3, 700.0)
+    assert set(by) == {"db-corruption", "cache-corruption"}  # the assurance run adds no scenario
+    db = by["db-corruption"]
+    assert (db.runs, db.succeeded, db.restored, db.rto_met, db.mttr_seconds) == (5, 3, 3, 2, 700.0)
     assert by["cache-corruption"].mttr_seconds == 30.0
     text = render_kpis(k)
-    assert "| RTO compliance | 60.0 % | >= 95 % |" in text
-    assert "| db-corruption | 4 | 3 | 2 | 2 | 11.7 min |" in text
+    assert "| RTO compliance | 75.0 % | >= 95 % |" in text
+    assert "| db-corruption | 5 | 3 | 3 | 2 | 2 | 11.7 min |" in text
+    assert "1 not approved" in text and "Rejected and approval-timed-out runs" in text
+
+
+def test_assurance_and_not_approved_runs_alone():
+    k = compute_kpis([rec(outcome="ReplicaComplete", rto=None, rpo=None, run_kind="assurance"),
+                      rec(state="FAILED", outcome="ApprovalTimedOut", rto=None, rpo=None)], SINCE, NOW)
+    assert (k.recovery_runs, k.not_approved_runs, k.restored_runs) == (1, 1, 0)
+    assert k.recovery_success_rate == 0.0
+    assert k.rto_compliance is None and k.rpo_compliance is None  # nothing restored: no RTO/RPO to judge
 
 
 def test_empty_window_reports_no_rate():
@@ -105,9 +120,19 @@ def test_kpis_read_from_the_run_history(prefect_api):
     records = collect_runs(since, tags=[tag])
     assert len(records) == 3
     k = compute_kpis(records, since, datetime.now(timezone.utc))
-    assert (k.recovery_runs, k.recovery_success_rate, k.rto_compliance) == (2, 50.0, 50.0)
+    assert (k.recovery_runs, k.restored_runs, k.recovery_success_rate) == (2, 1, 50.0)
+    assert k.rto_compliance == 100.0  # the failed run never restored service: it counts in the success rate only
     assert (k.backup_runs, k.backup_success_rate) == (1, 100.0)
     assert k.scenarios[0].mttr_seconds == 100.0
+
+
+def _create_runs(tag: str, runs) -> None:
+    with get_client(sync_client=True) as client:
+        for fl, final, report in runs:
+            run = client.create_flow_run(fl, tags=[tag], state=Running())
+            if report is not None:
+                create_flow_run_input(REPORT_KEY, report, flow_run_id=run.id)
+            client.set_flow_run_state(run.id, final, force=True)
 
 
 def test_dr_kpis_command(prefect_api, tmp_path):
@@ -116,9 +141,24 @@ def test_dr_kpis_command(prefect_api, tmp_path):
 
     from conftest import subprocess_env
 
+    scenario = f"kpi-cli-{uuid.uuid4().hex[:8]}"
+    base = dict(scenario=scenario, drill=True, dry_run=False, rto_objective_seconds=900, rpo_objective_seconds=300)
+    _create_runs(scenario, [
+        (_recovery_stand_in, Completed(), dict(base, outcome="Recovered", rto_seconds=120.0, rpo_seconds=5.0)),
+        (_recovery_stand_in, Completed(), dict(base, outcome="Recovered", rto_seconds=2000.0, rpo_seconds=5.0)),
+        (_recovery_stand_in, Cancelled(name="Rejected"), dict(base, outcome="Rejected")),
+        (_recovery_stand_in, Completed(), dict(base, outcome="ReplicaComplete", facts={"run_kind": "assurance"})),
+    ])
     env = dict(subprocess_env(prefect_api), PREFECT_HOME=str(tmp_path))
     out = subprocess.run([str(Path(sys.executable).parent / "dr"), "kpis", "--since", "1h", "--json"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     data = _json.loads(out.stdout)
-    assert {"rto_compliance", "rpo_compliance", "recovery_success_rate", "backup_success_rate", "scenarios"} <= set(data)
+    mine = [s for s in data["scenarios"] if s["scenario"] == scenario]
+    assert mine == [dict(scenario=scenario, runs=3, succeeded=2, restored=2, rto_met=1, rpo_met=2, mttr_seconds=1060.0)]
+    since = datetime.now(timezone.utc) - timedelta(hours=1)
+    expected = compute_kpis(collect_runs(since), since, datetime.now(timezone.utc)).as_dict()
+    for key in ("recovery_runs", "restored_runs", "not_approved_runs", "rto_compliance", "rpo_compliance",
+                "recovery_success_rate", "backup_runs", "backup_success_rate"):
+        assert data[key] == expected[key], key
+    assert data["not_approved_runs"] >= 1 and data["recovery_runs"] >= 3

@@ -101,3 +101,54 @@ def test_a_failed_drill_alerts_and_reports_in_the_template_shape(notifier, webho
     assert bad["results"]["rto_achieved"] == "42.0 seconds" and bad["results"]["rpo_achieved"] == "1.5 seconds"
     assert bad["results"]["recommendations"] == ["fix: rows back (12 of 500)"]
     assert reports[0]["results"]["success_criteria_met"] is True
+
+
+@flow(name="notification-probe")
+def _deliver(notifier: str) -> bool:
+    from tasks.notify import deliver
+
+    return deliver(notifier, "probe message")
+
+
+def test_a_refused_webhook_logs_no_url(prefect_api):
+    import threading
+    import time
+    import uuid
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from sandbox.paths import free_port
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    token = f"XOXB{uuid.uuid4().hex}"
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        name = f"hook-{uuid.uuid4().hex[:8]}"
+        slack_compatible_webhook(f"http://127.0.0.1:{server.server_port}/services/T0/B0/{token}").save(name)
+        state = _deliver(f"custom-webhook/{name}", return_state=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert state.result() is False  # not delivered, and not fatal
+    flt = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+    deadline, messages = time.monotonic() + 15, []
+    while time.monotonic() < deadline:
+        with get_client(sync_client=True) as client:
+            messages = [log.message for log in client.read_logs(log_filter=flt)]
+        if any("Notification through" in m for m in messages):
+            break
+        time.sleep(0.25)
+    warning = next(m for m in messages if "Notification through" in m)
+    assert f"custom-webhook/{name}" in warning and "HTTP 404" in warning
+    assert not any(token in m or "/services/T0/B0" in m for m in messages)

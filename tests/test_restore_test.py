@@ -65,3 +65,24 @@ def test_cleanup_after_an_injected_failure(cluster, notifier, webhook, prefect_a
     assert block.is_reachable()  # the source was never touched
     text = webhook.wait_for(lambda t: "restore test failed" in t)[0]
     assert text.startswith("\U0001f6a8 INCIDENT ALERT - P2")
+
+
+def test_a_restore_that_fails_is_cleaned_up_and_alerted(cluster, notifier, webhook, prefect_api):
+    name, block, pg = cluster
+    backup_files = sorted((pg.pgbackrest_dir / "repo" / "backup").glob("*/*/pg_data/**/*.lz4"),
+                          key=lambda p: p.stat().st_size)
+    assert backup_files, "the fixture's full backup is in the posix repository"
+    backup_files[-1].write_bytes(b"not an lz4 frame" * 64)  # the injected failure: a corrupt file in the backup set
+    state = restore_test(cluster_block=name, notifier=notifier, return_state=True)
+    assert state.is_failed()
+    report = load_report(state.state_details.flow_run_id)
+    assert report.outcome == "Failed" and report.candidate is None
+    restore = next(s for s in report.steps if s.step == "Restore the latest backup into a scratch instance")
+    assert restore.outcome == "failed"
+    cleanup = report.steps[-1]
+    assert cleanup.step == "Clean up the scratch instance" and cleanup.outcome == "ok"
+    assert "restore-test-" in cleanup.detail  # the partial restore's directory was there and was removed
+    assert leftovers(pg) == []
+    assert block.is_reachable()
+    text = webhook.wait_for(lambda t: "restore test failed" in t)[0]
+    assert f"flow run {report.flow_run_id}" in text
