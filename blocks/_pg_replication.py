@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
@@ -20,6 +22,18 @@ CONFIG_FILES = ("postgresql.conf", "postgresql.auto.conf", "pg_hba.conf", "pg_id
 ROLE_SETTINGS = ("default_transaction_read_only", "primary_conninfo", "primary_slot_name", "recovery_target",
                  "recovery_target_time", "recovery_target_name", "recovery_target_lsn", "recovery_target_xid",
                  "recovery_target_action", "recovery_target_timeline", "restore_command")
+# Connection failures that show nothing answers at the address. Anything else a failed connect reports
+# (authentication, pg_hba.conf, too many clients, starting up or shutting down) comes from a running server.
+UNREACHABLE_MESSAGES = ("connection refused", "timeout expired", "timed out", "no such file or directory",
+                        "no route to host", "network is unreachable")
+
+
+def proves_unreachable(exc: PostgresUnavailable) -> bool:
+    """True when a failed connection shows that no server answers (refused or timed out), not that one refused us."""
+    if exc.__cause__ is not None and getattr(exc.__cause__, "sqlstate", None):
+        return False
+    text = str(exc.__cause__ or exc).lower()
+    return any(marker in text for marker in UNREACHABLE_MESSAGES)
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,15 @@ class ReplicaLag:
     measured_from: str
     last_replayed_commit: datetime | None
     detail: str
+    received_lsn: str | None = None
+
+    @property
+    def received_position(self) -> int:
+        """``received_lsn`` as a number (-1 when unknown): more WAL received ranks higher."""
+        if not self.received_lsn or "/" not in self.received_lsn:
+            return -1
+        high, low = self.received_lsn.split("/", 1)
+        return (int(high, 16) << 32) + int(low, 16)
 
     def within(self, rpo_seconds: float) -> bool:
         """True when the measured data-loss window is known and at most ``rpo_seconds``."""
@@ -99,11 +122,15 @@ class ReplicationVerbs:
         return inst.data_directory
 
     def role(self, port: int) -> str:
-        """'primary', 'standby' or 'unreachable' for the instance on ``port``."""
+        """'primary', 'standby', 'unreachable' (refused or timed out) or 'refusing' (a server that turns us away)."""
+        return self._probe(port)[0]
+
+    def _probe(self, port: int) -> tuple[str, str]:
+        """The role of the instance on ``port`` and, when it cannot be asked, why."""
         try:
-            return "standby" if self.is_in_recovery(port) else "primary"
-        except PostgresUnavailable:
-            return "unreachable"
+            return ("standby" if self.is_in_recovery(port) else "primary"), ""
+        except PostgresUnavailable as exc:
+            return ("unreachable" if proves_unreachable(exc) else "refusing"), str(exc)
 
     def accepts_writes(self, port: int) -> bool:
         """True when the instance answers, is not in recovery and is not fenced read-only."""
@@ -160,17 +187,52 @@ class ReplicationVerbs:
                 seconds = None
             detail = (f"{behind} bytes of WAL behind {source.address}"
                       + (f"; last replayed commit {replay_ts.isoformat()}" if replay_ts else ""))
-            return ReplicaLag(inst.address, port, False, behind, seconds, "primary", replay_ts, detail)
+            return ReplicaLag(inst.address, port, False, behind, seconds, "primary", replay_ts, detail,
+                              str(received) if received is not None else None)
         pending = 0
         if received is not None and replayed is not None:
             pending = max(int(self.query_one("SELECT pg_wal_lsn_diff(%s::pg_lsn, %s::pg_lsn)",
                                              (str(received), str(replayed)), port=port)), 0)
         lost_at = primary_lost_at or now
-        seconds = max((lost_at - replay_ts).total_seconds(), 0.0) if replay_ts is not None else None
+        window = "until the primary was lost"
+        if replay_ts is None:
+            seconds = None
+        elif replay_ts <= lost_at:
+            seconds = (lost_at - replay_ts).total_seconds()
+        else:
+            # The primary still committed after the moment it was reported lost: that moment bounds nothing.
+            seconds = max((now - replay_ts).total_seconds(), 0.0)
+            window = "until now (the last replayed commit is later than the reported loss)"
         detail = (f"{source.address} unreachable; {pending} received bytes not yet replayed; WAL never received "
                   f"cannot be measured; last replayed commit {replay_ts.isoformat() if replay_ts else 'unknown'}; "
+                  f"data-loss window measured {window}; received up to {received or 'unknown'}; "
                   f"receiver {receiver or 'stopped'}")
-        return ReplicaLag(inst.address, port, False, pending, seconds, "replica", replay_ts, detail)
+        return ReplicaLag(inst.address, port, False, pending, seconds, "replica", replay_ts, detail,
+                          str(received) if received is not None else None)
+
+    def replayed(self, port: int, lsn: str, timeout_seconds: float = 30) -> bool:
+        """Wait (bounded) until the instance on ``port`` has replayed WAL up to ``lsn``.
+
+        Returns:
+            True once replayed; False when the time runs out or replay is paused (it would not progress).
+        """
+        if not re.fullmatch(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}", str(lsn)):
+            raise InvalidInput(f"WAL position {lsn!r} is not of the form 0/3000060")
+
+        def progress() -> str:
+            return str(self.query_one(
+                "SELECT CASE WHEN NOT pg_is_in_recovery() THEN "
+                "  CASE WHEN pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn) >= 0 THEN 'done' ELSE 'behind' END "
+                "WHEN pg_wal_lsn_diff(pg_last_wal_replay_lsn(), %s::pg_lsn) >= 0 THEN 'done' "
+                "WHEN pg_get_wal_replay_pause_state() <> 'not paused' THEN 'paused' ELSE 'behind' END",
+                (lsn, lsn), port=port))
+
+        deadline = time.monotonic() + timeout_seconds
+        while (state := progress()) != "done":
+            if state == "paused" or time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+        return True
 
     # ------------------------------------------------------------------ fencing by instance
 
@@ -185,26 +247,40 @@ class ReplicationVerbs:
     def fence_old_primary(self, port: int, stop: bool = True) -> dict:
         """Make sure the instance on ``port`` can no longer take writes before another one is promoted.
 
-        An instance that answers is fenced (see ``fence``) and, when it runs on this host and
-        ``stop`` is set, stopped. One that does not answer is recorded as unreachable.
+        An instance that answers is fenced (see ``fence``). One that runs on this host is stopped when
+        ``stop`` is set, whether or not it lets us in. Only an instance that refuses the TCP
+        connection or does not answer in time (and, when local, is not running) is recorded as
+        unreachable; a remote server that turns our session away cannot be fenced from here.
 
         Returns:
-            ``{"address", "state", "sessions_ended"}`` with state 'unreachable', 'fenced' or 'stopped'.
+            ``{"address", "state", "sessions_ended", "final_lsn"}`` with state 'unreachable', 'fenced'
+            or 'stopped'; ``final_lsn`` is the fenced primary's last WAL position when it could be read.
 
         Raises:
-            PostgresError: the instance still accepts writes afterwards.
+            PostgresError: the instance runs but cannot be fenced or stopped, or still accepts writes afterwards.
         """
         inst = self.instance_at(port)
-        if self.role(port) == "unreachable":
-            return {"address": inst.address, "state": "unreachable", "sessions_ended": 0}
-        ended = self.fence_instance(port)
-        state = "fenced"
-        if stop and inst.data_directory:
-            self.stop_at(port)
+        local_running = bool(inst.data_directory) and self.instance_running(inst.data_directory)
+        role, reason = self._probe(port)
+        if role == "unreachable" and not local_running:
+            return {"address": inst.address, "state": "unreachable", "sessions_ended": 0, "final_lsn": None}
+        if role not in ("primary", "standby") and not (stop and local_running):
+            raise PostgresError(f"{inst.address} runs but cannot be fenced from here ({reason or 'not answering'}); "
+                                "stop it by hand before another instance is promoted")
+        ended, final_lsn, state = 0, None, "running"
+        if role in ("primary", "standby"):
+            ended = self.fence_instance(port)
+            state = "fenced"
+            if role == "primary":
+                final_lsn = str(self.query_one("SELECT pg_current_wal_lsn()", port=port))
+        if stop and local_running:
+            self.stop_instance(inst.data_directory)
+            if self.instance_running(inst.data_directory):
+                raise PostgresError(f"{inst.address} is still running after the stop; refusing a second writer")
             state = "stopped"
-        if self.accepts_writes(port):
+        elif self.accepts_writes(port):
             raise PostgresError(f"{inst.address} still accepts writes after fencing; refusing a second writer")
-        return {"address": inst.address, "state": state, "sessions_ended": ended}
+        return {"address": inst.address, "state": state, "sessions_ended": ended, "final_lsn": final_lsn}
 
     # ------------------------------------------------------------------ start / stop
 
@@ -217,7 +293,7 @@ class ReplicationVerbs:
     def start_at(self, port: int) -> None:
         """Start the local instance on ``port`` unless it runs."""
         self.start_instance(self._data_directory(port), port)
-        wait_until(lambda: self.role(port) != "unreachable", timeout=self.start_timeout_seconds, interval=0.2,
+        wait_until(lambda: self.role(port) in ("primary", "standby"), timeout=self.start_timeout_seconds, interval=0.2,
                    what=f"instance on port {port} to accept sessions")
 
     # ------------------------------------------------------------------ promotion
@@ -313,18 +389,26 @@ class ReplicationVerbs:
             return Resync(inst.address, source.address, "already-following", None, "already streaming")
         if self.role(source_port) != "primary":
             raise PostgresError(f"{source.address} is not a running primary; nothing to follow")
-        saved = self._read_config(data_dir)
+        saved = self._read_config(self._config_source(data_dir))
         self.stop_instance(data_dir)
         moved_aside = None
         method = "rewind"
         try:
+            if not os.path.exists(os.path.join(data_dir, "PG_VERSION")):
+                raise CommandFailed("pg_rewind", 1, f"{data_dir} holds no data directory")
             detail = self._rewind(data_dir, source)
         except CommandFailed as exc:
             if not allow_clone:
                 raise PostgresError(f"pg_rewind of {data_dir} from {source.address} failed: {exc}") from exc
             method = "clone"
-            moved_aside = f"{data_dir.rstrip('/')}.failed-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
-            os.rename(data_dir, moved_aside)
+            if os.path.exists(data_dir):
+                moved_aside = f"{data_dir.rstrip('/')}.failed-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
+                try:
+                    os.rename(data_dir, moved_aside)
+                except OSError as err:
+                    raise PostgresError(f"moving {data_dir} aside to {moved_aside} failed: {err}") from err
+            else:
+                moved_aside = self._newest_moved_aside(data_dir)
             self._clone(data_dir, source)
             detail = f"pg_rewind failed ({str(exc)[:200]}); cloned afresh, old data directory kept at {moved_aside}"
         self._configure_standby(data_dir, port, source, saved)
@@ -343,13 +427,32 @@ class ReplicationVerbs:
             return []
         return [k for k in keys if k.startswith("recovery_target") or k in ("restore_command", "default_transaction_read_only")]
 
+    def _newest_moved_aside(self, data_dir: str) -> str | None:
+        """The newest copy of ``data_dir`` an earlier resync moved aside, if any."""
+        parent, base = os.path.split(data_dir.rstrip("/"))
+        try:
+            names = sorted(n for n in os.listdir(parent) if n.startswith(f"{base}.failed-"))
+        except OSError:
+            return None
+        return os.path.join(parent, names[-1]) if names else None
+
+    def _config_source(self, data_dir: str) -> str:
+        """Where the instance's own configuration is: its data directory, or (after a clone that failed
+        half-way) the newest copy moved aside."""
+        if os.path.exists(os.path.join(data_dir, "postgresql.conf")):
+            return data_dir
+        return self._newest_moved_aside(data_dir) or data_dir
+
     def _read_config(self, data_dir: str) -> dict[str, str]:
         saved = {}
         for name in CONFIG_FILES:
             path = os.path.join(data_dir, name)
-            if os.path.exists(path):
-                with open(path) as fh:
-                    saved[name] = fh.read()
+            try:
+                if os.path.exists(path):
+                    with open(path) as fh:
+                        saved[name] = fh.read()
+            except OSError as exc:
+                raise PostgresError(f"reading {path} failed: {exc}") from exc
         return saved
 
     def _source_conninfo(self, source) -> str:
@@ -440,27 +543,46 @@ class ReplicationVerbs:
         """
         target = self.instance_at(to_port)
         others = [inst for inst in self.instances() if inst.port != to_port]
-        writers = [inst for inst in others if self.role(inst.port) == "primary"]
+        roles = {inst.port: self._probe(inst.port) for inst in others}
+        writers = [inst for inst in others if roles[inst.port][0] == "primary"]
+        unknown = [f"{inst.address} ({roles[inst.port][0]})" for inst in others
+                   if roles[inst.port][0] not in ("primary", "standby")
+                   and not (inst.data_directory and not self.instance_running(inst.data_directory))]
         old = None
         if self.role(to_port) == "primary":
             if writers:
                 raise PostgresError(f"{target.address} and {writers[0].address} are both primaries; resolve by hand")
+            if unknown:
+                raise PostgresError(f"{target.address} is a primary but {', '.join(unknown)} cannot be asked; it may be "
+                                    "the serving primary, so it is not opened for writes")
+            if self.query_one("SELECT current_setting('default_transaction_read_only')", port=to_port) == "on":
+                raise PostgresError(f"{target.address} is a fenced primary no switchover promoted; it stays fenced")
             promotion = ReplicaPromotion(target.address, True, self._timeline(to_port), "")
         else:
             if len(writers) != 1:
                 raise PostgresError(f"expected one running primary to switch over from, found {len(writers)}")
             old = writers[0]
+            if unknown:
+                raise PostgresError(f"{', '.join(unknown)} cannot be asked; refusing to switch over")
+            if not old.data_directory:
+                raise PostgresError(f"{old.address} is not on this host: it cannot be stopped, so it is not switched over")
             if not self.follows(to_port, old.port):
                 raise PostgresError(f"{target.address} does not stream from {old.address}; resync it first")
             self.fence_instance(old.port)
-            final = str(self.query_one("SELECT pg_current_wal_lsn()", port=old.port))
+            try:
+                final = str(self.query_one("SELECT pg_current_wal_lsn()", port=old.port))
 
-            def caught_up() -> bool:
-                return int(self.query_one("SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), %s::pg_lsn)",
-                                          (final,), port=to_port)) >= 0
+                def caught_up() -> bool:
+                    return int(self.query_one("SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), %s::pg_lsn)",
+                                              (final,), port=to_port)) >= 0
 
-            wait_until(caught_up, timeout=timeout_seconds, interval=0.2, what=f"{target.address} to replay {final}")
-            self.stop_at(old.port)
+                wait_until(caught_up, timeout=timeout_seconds, interval=0.2, what=f"{target.address} to replay {final}")
+                self.stop_at(old.port)
+            except BaseException:
+                if self.instance_running(old.data_directory):
+                    with contextlib.suppress(PostgresError):
+                        self.unfence_instance(old.port)  # nothing was promoted: the old primary keeps serving
+                raise
             promotion = self.promote(to_port, timeout_seconds)
         self.unfence_instance(to_port)  # also when a re-run finds it promoted already
         resyncs = [asdict(self.resync_as_standby(inst.port, to_port, timeout_seconds=timeout_seconds))

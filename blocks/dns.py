@@ -9,7 +9,7 @@ from typing import Literal
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 from prefect.blocks.core import Block
 from prefect_aws import AwsCredentials
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
 
 from blocks.errors import InvalidInput, RecoveryError
 
@@ -99,6 +99,10 @@ class DnsZone(Block):
             raise ValueError(f"primary_target and secondary_target are both {self.primary_target!r}")
         return self
 
+    # Change ids this block submitted, by target: a re-run that finds the records pointing already
+    # still waits for its own change to be INSYNC.
+    _submitted: dict[str, str] = PrivateAttr(default_factory=dict)
+
     def _client(self):
         return self.credentials.get_client("route53")
 
@@ -157,6 +161,7 @@ class DnsZone(Block):
                 ChangeBatch={"Comment": (comment or f"point at {target}")[:256], "Changes": changes})
         except (ClientError, BotoCoreError) as exc:
             raise _wrap(exc, f"changing records of zone {self.hosted_zone_id} to {target}") from exc
+        self._submitted[target] = answer["ChangeInfo"]["Id"]
         return answer["ChangeInfo"]["Id"]
 
     def change_status(self, change_id: str) -> str:
@@ -166,11 +171,19 @@ class DnsZone(Block):
             raise _wrap(exc, f"reading change {change_id}") from exc
 
     def wait_insync(self, change_id: str, timeout_seconds: float | None = None) -> float:
-        """Wait (bounded) until ``change_id`` is INSYNC; returns the seconds waited."""
+        """Wait (bounded) until ``change_id`` is INSYNC; returns the seconds waited.
+
+        A status read that fails transiently is read again within the same bound.
+        """
         limit = timeout_seconds or self.insync_timeout_seconds
         started = time.monotonic()
         while True:
-            status = self.change_status(change_id)
+            try:
+                status = self.change_status(change_id)
+            except DnsUnavailable as exc:
+                if time.monotonic() - started >= limit:
+                    raise DnsUnavailable(f"change {change_id}: status unreadable after {limit:.0f} s: {exc}") from exc
+                status = "UNKNOWN"
             if status == "INSYNC":
                 return time.monotonic() - started
             if time.monotonic() - started >= limit:
@@ -186,7 +199,13 @@ class DnsZone(Block):
         self._check_target(target)
         before = self.current_targets()
         if all(values == [target] for values in before.values()):
+            pending = self._submitted.get(target)
+            if pending:  # submitted by an earlier attempt whose wait did not finish
+                waited = self.wait_insync(pending)
+                self._submitted.pop(target, None)
+                return DnsCutover(target, before, pending, "INSYNC", False, waited)
             return DnsCutover(target, before, None, "INSYNC", True, 0.0)
         change_id = self.upsert(target, comment)
         waited = self.wait_insync(change_id)
+        self._submitted.pop(target, None)
         return DnsCutover(target, before, change_id, "INSYNC", False, waited)

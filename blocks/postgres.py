@@ -176,8 +176,12 @@ class PostgresCluster(ReplicationVerbs, RoleVerbs, Block):
         return os.path.join(self.bin_dir, name)
 
     def _instance(self, port: int | None) -> PostgresInstance:
+        """The known instance on ``port`` (its own host); an unlisted port is a local instance beside the primary."""
         if port is None or port == self.primary.port:
             return self.primary
+        for inst in self.replicas:
+            if inst.port == port:
+                return inst
         return PostgresInstance(host=self.primary.host, port=port)
 
     @contextmanager

@@ -18,6 +18,18 @@ TRANSIENT_CODES = {"Throttling", "ThrottlingException", "RequestLimitExceeded", 
 # Set on the replica once its promotion was requested: read replicas may keep their source link
 # in the API for a while after promotion, so the tag is the journal a re-run trusts.
 PROMOTED_TAG = "dr-promoted-at"
+# Instance statuses that prove an instance takes no writes. Any other status (available, modifying,
+# backing-up, rebooting, stopping, ...) may still take writes.
+NOT_WRITING_STATUSES = frozenset({"stopped", "deleting", "failed", "storage-full", "incompatible-restore",
+                                  "restore-error", "inaccessible-encryption-credentials",
+                                  "inaccessible-encryption-credentials-recoverable", "incompatible-parameters"})
+# Statuses a read replica passes through while a promotion is under way.
+PROMOTING_STATUSES = frozenset({"modifying", "rebooting", "backing-up"})
+
+
+def proves_not_writing(status: str | None) -> bool:
+    """True when an instance in ``status`` cannot be taking writes; unknown or other statuses are not proof."""
+    return status in NOT_WRITING_STATUSES
 
 
 class RdsError(RecoveryError):
@@ -138,7 +150,9 @@ class RdsDatabase(Block):
             raise _wrap(exc, f"reading ReplicaLag of {self.replica_identifier}") from exc
         if not points:
             return None
-        return float(max(points, key=lambda p: p["Timestamp"])["Maximum"])
+        value = max(points, key=lambda p: p["Timestamp"]).get("Maximum")
+        # RDS reports -1 (or nothing) when replication is not running: the lag is unknown, not zero.
+        return None if value is None or float(value) < 0 else float(value)
 
     def wait_available(self, identifier: str | None = None, timeout_seconds: float | None = None) -> dict:
         """Wait (bounded) until the instance's status is ``available``; returns its description."""
@@ -165,17 +179,28 @@ class RdsDatabase(Block):
             info = self.wait_available(self.replica_identifier)
             return RdsPromotion(self.replica_identifier, info["endpoint"], True, tags.get(PROMOTED_TAG, ""), info["status"])
         client = self._client(self.replica_identifier)
+        accepted = True
         try:
             client.promote_read_replica(DBInstanceIdentifier=self.replica_identifier)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") != "InvalidDBInstanceState":
                 raise _wrap(exc, f"promoting {self.replica_identifier}") from exc
+            # Refused: go on only when a promotion (of an earlier attempt) is really under way.
+            again = self.describe(self.replica_identifier)
+            if again["source"] and again["status"] not in PROMOTING_STATUSES:
+                raise _wrap(exc, f"promoting {self.replica_identifier} (status {again['status']}, "
+                                 f"still replicating from {again['source']})") from exc
+            accepted = False
         except BotoCoreError as exc:
             raise _wrap(exc, f"promoting {self.replica_identifier}") from exc
         promoted_at = datetime.now(timezone.utc).isoformat()
-        try:
-            client.add_tags_to_resource(ResourceName=info["arn"], Tags=[{"Key": PROMOTED_TAG, "Value": promoted_at}])
-        except (ClientError, BotoCoreError) as exc:
-            raise _wrap(exc, f"journalling the promotion of {self.replica_identifier}") from exc
+        if accepted:
+            try:
+                client.add_tags_to_resource(ResourceName=info["arn"], Tags=[{"Key": PROMOTED_TAG, "Value": promoted_at}])
+            except (ClientError, BotoCoreError) as exc:
+                raise _wrap(exc, f"journalling the promotion of {self.replica_identifier}") from exc
         info = self.wait_available(self.replica_identifier)
+        if info["source"] and not accepted:
+            raise RdsError(f"{self.replica_identifier} is available but still replicates from {info['source']}: "
+                           "the promotion did not happen")
         return RdsPromotion(self.replica_identifier, info["endpoint"], False, promoted_at, info["status"])

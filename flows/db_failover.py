@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from prefect import flow, get_run_logger, runtime
 from prefect.states import Cancelled, Completed, Failed, State
@@ -23,17 +23,27 @@ from prefect.variables import Variable
 from pydantic import Field
 
 from blocks import PostgresCluster, RecoveryObjectives
-from blocks.errors import InvalidInput
+from blocks.errors import InvalidInput, PostgresError
 from blocks.kubernetes import KubernetesTarget
 from tasks.approval import ApprovalDecision, ApprovalPolicy, auto_approval, check_approval_settings, request_approval
 from tasks.estate import load_block
 from tasks.evidence import RecoveryReport, publish_evidence, utcnow
-from tasks.kubernetes import restart_rollout, set_app_secret
+from tasks.kubernetes import read_replicas, restart_rollout, set_app_secret
 from tasks.locks import recovery_lock
-from tasks.replication import fence_old_primary, list_writers, promote_replica, rank_replicas, read_roles
+from tasks.replication import (
+    fence_old_primary,
+    list_writers,
+    measure_replica_lag,
+    promote_replica,
+    rank_replicas,
+    read_roles,
+    wait_for_replay,
+)
 from tasks.smoke import smoke_test_sql
 
 SCENARIO = "db-failover"
+# How long a journalled promotion of another incident still explains a promoted replica.
+JOURNAL_TTL = timedelta(hours=24)
 
 
 class FailoverDecision(ApprovalDecision):
@@ -41,7 +51,8 @@ class FailoverDecision(ApprovalDecision):
 
     accept_data_loss: bool = Field(
         description="Tick to accept the data loss stated in the preview. Required when the replica lag is above "
-                    "the RPO or unknown; a failover above the RPO without it promotes nothing.")
+                    "the RPO or unknown; a failover above the RPO without it promotes nothing. The field has no "
+                    "default on purpose: an answer that does not state it is not taken as an acceptance.")
 
 
 def dsn_for(cluster: PostgresCluster, port: int, host: str | None = None) -> str:
@@ -63,13 +74,54 @@ def journal_name(scope: str) -> str:
     return "dr_failover_" + re.sub(r"[^a-z0-9]+", "_", scope.lower()).strip("_")
 
 
-def read_journal(scope: str) -> dict | None:
-    """The promotion journalled for ``scope`` by an earlier run, if any."""
-    return Variable.get(journal_name(scope), default=None)
+def read_journal(scope: str, incident_id: str | None = None) -> dict | None:
+    """The promotion journalled for ``scope`` by an earlier run, if any.
+
+    An entry of another incident counts only while it is younger than ``JOURNAL_TTL``: a promotion
+    journalled long ago says nothing about who the primary should be today.
+    """
+    entry = Variable.get(journal_name(scope), default=None)
+    if not isinstance(entry, dict):
+        return None
+    if incident_id is not None and entry.get("incident_id") == incident_id:
+        return entry
+    try:
+        written = datetime.fromisoformat(str(entry.get("written_at")))
+    except ValueError:
+        return None
+    if written.tzinfo is None or utcnow() - written > JOURNAL_TTL:
+        return None
+    return entry
 
 
 def write_journal(scope: str, entry: dict) -> None:
-    Variable.set(journal_name(scope), entry, overwrite=True)
+    """Journal a step of a promotion for ``scope`` (stamped with the time it was written)."""
+    Variable.set(journal_name(scope), {**entry, "written_at": utcnow().isoformat()}, overwrite=True)
+
+
+def confirm_lag_after_fence(report: RecoveryReport, cluster: PostgresCluster, chosen: int, failed_port: int,
+                            fenced: dict, lost_at: datetime, rpo: float, wait_seconds: float = 60) -> str | None:
+    """Check, after the old primary is fenced, that promoting ``chosen`` loses no more than was approved.
+
+    A fenced primary that answered named its last WAL position: the candidate must replay it (bounded
+    wait). Otherwise the lag is measured again and held against the RPO or the approver's acceptance.
+
+    Returns:
+        None to go on, or a message why nothing is promoted.
+    """
+    final = fenced.get("final_lsn")
+    if final and wait_for_replay(cluster, chosen, final, wait_seconds):
+        report.facts["replayed before promotion"] = f"{cluster.instance_at(chosen).address} replayed {final}"
+        return None
+    lag = measure_replica_lag(cluster, chosen, failed_port, lost_at)
+    report.facts["replica lag at promotion"] = {"bytes": lag.bytes, "seconds": lag.seconds, "detail": lag.detail}
+    accepted = bool(report.approvals and report.approvals[-1].details.get("accept_data_loss"))
+    if lag.within(rpo) or accepted:
+        report.rpo_seconds = lag.seconds
+        return None
+    return (f"After fencing, {cluster.instance_at(chosen).address} is "
+            f"{'an unknown time' if lag.seconds is None else f'{lag.seconds:.1f} s'} behind (RPO {rpo} s) and the "
+            f"approval did not accept data loss; the old primary is {fenced['state']} and nothing was promoted.")
 
 
 def clear_journal(scope: str) -> None:
@@ -186,7 +238,7 @@ def db_failover(
             if kubernetes_target:
                 kube = load_block(KubernetesTarget, kubernetes_target)
                 for name in restarts:
-                    kube.get_deployment(name)  # an unknown deployment is refused here, before any change
+                    read_replicas(kube, name)  # an unknown deployment is refused here, before any change
             elif database_secret or restarts:
                 raise InvalidInput("database_secret and restart_deployments need kubernetes_target")
             report.incident_id = incident_id or failover_key(f"{cluster_block}-{failed.port}", detected)
@@ -215,7 +267,7 @@ def _fail_over(cluster, failed_port, kube, secret, secret_key, restarts, queries
         writers = [p for p, r in roles.items() if r == "primary" and p != failed_port]
         report.facts["roles before"] = ", ".join(f"{p}: {r}" for p, r in sorted(roles.items()))
         step.detail = report.facts["roles before"]
-    journal = read_journal(report.target) or {}
+    journal = read_journal(report.target, report.incident_id) or {}
     if writers and journal.get("promoted_port") not in writers:
         return finish_refused(report, "UnexpectedPrimary",
                               f"{cluster.instance_at(writers[0]).address} is already a primary, but no failover of "
@@ -278,12 +330,20 @@ def _fail_over(cluster, failed_port, kube, secret, secret_key, restarts, queries
         fenced = fence_old_primary(cluster, failed_port)
         report.facts["old primary"] = f"{fenced['address']}: {fenced['state']}"
         step.detail = report.facts["old primary"]
+    if not writers:
+        with report.step("Confirm the lag after fencing") as step:
+            refusal = confirm_lag_after_fence(report, cluster, chosen, failed_port, fenced,
+                                              report.incident_detected_at, rpo)
+            step.detail = refusal or report.facts.get("replayed before promotion") or "within what was approved"
+        if refusal:
+            return finish_refused(report, "LagAboveRpo", refusal)
     with report.step("Promote the replica") as step:
         writers_now = list_writers(cluster)
         if any(p != chosen for p in writers_now):
-            raise InvalidInput(f"instances on ports {writers_now} accept writes; refusing to promote a second writer")
+            raise PostgresError(f"instances on ports {writers_now} accept writes; refusing to promote a second writer")
+        write_journal(report.target, {"promoted_port": chosen, "incident_id": report.incident_id, "state": "promoting"})
         promotion = promote_replica(cluster, chosen)
-        write_journal(report.target, {"promoted_port": chosen, "incident_id": report.incident_id,
+        write_journal(report.target, {"promoted_port": chosen, "incident_id": report.incident_id, "state": "promoted",
                                       "promoted_at": promotion.promoted_at or utcnow().isoformat()})
         report.promotion = {"endpoint": promotion.address, "already_promoted": promotion.already_primary,
                             "promoted_at": promotion.promoted_at, "timeline": promotion.timeline}

@@ -23,7 +23,7 @@ from prefect.states import Completed, Failed, State
 from blocks import RecoveryObjectives
 from blocks.errors import InvalidInput
 from blocks.postgres import CheckResult
-from flows.db_failover import clear_journal, decide, failover_key, finish_refused
+from flows.db_failover import clear_journal, decide, failover_key, finish_refused, read_journal, write_journal
 from flows.regional_failover import Estate, hold_locks, load_estate, scale_in_tiers, scale_plan, step_seconds
 from tasks.approval import ApprovalPolicy, check_approval_settings
 from tasks.dns import check_dns_zone, cutover_dns, plan_dns_cutover, read_dns_targets
@@ -31,7 +31,14 @@ from tasks.estate import load_block
 from tasks.evidence import RecoveryReport, publish_evidence, utcnow
 from tasks.health import probe_health
 from tasks.kubernetes import restart_rollout, set_app_secret
-from tasks.replication import measure_replica_lag, read_roles, resync_standby, switchover_primary
+from tasks.replication import (
+    check_streaming,
+    list_writers,
+    measure_replica_lag,
+    read_roles,
+    resync_standby,
+    switchover_primary,
+)
 from tasks.smoke import smoke_test_http, smoke_test_sql
 
 SCENARIO = "regional-failback"
@@ -141,15 +148,28 @@ def _fail_back(estate: Estate, report: RecoveryReport, rpo: int, health_failures
 
     with report.step("Assess the estate") as step:
         roles = read_roles(cluster)
+        journal = read_journal(estate.journal_scope) or {}
+        switched = (journal.get("failback") == "switched" and list_writers(cluster) == [home]
+                    and check_streaming(cluster, away, home))
         targets = read_dns_targets(zone)
         dns_home = all(values == [zone.primary_target] for values in targets.values())
         report.facts["database roles before"] = ", ".join(f"{p}: {r}" for p, r in sorted(roles.items()))
         report.facts["dns before"] = targets
-        step.detail = f"{report.facts['database roles before']}; DNS at the primary region: {dns_home}"
-    if roles[home] == "unreachable" and roles[away] != "primary":
-        return finish_refused(report, "NoPrimary", f"Neither {home_address} nor {away_address} is a running primary.")
-    if roles[home] == "primary" and roles[away] == "primary":
-        return finish_refused(report, "SplitBrain", f"{home_address} and {away_address} both accept writes; resolve by hand.")
+        step.detail = (f"{report.facts['database roles before']}; database switched back by an earlier run: "
+                       f"{switched}; DNS at the primary region: {dns_home}")
+    if not switched:
+        if roles[away] in ("unreachable", "refusing"):
+            return finish_refused(report, "DrDatabaseDown",
+                                  f"The DR database {away_address} is {roles[away]}: it holds the newest commits, and "
+                                  f"failing back without it would reopen the stale {home_address}. Nothing was changed.")
+        if roles[home] == "primary" and roles[away] == "primary":
+            return finish_refused(report, "SplitBrain",
+                                  f"{home_address} and {away_address} both accept writes; resolve by hand.")
+        if roles[away] != "primary" and journal.get("failback") != "started":
+            return finish_refused(report, "NotFailedOver",
+                                  f"{away_address} is not the primary and no failback of this estate is in progress; "
+                                  "there is nothing to fail back. Nothing was changed.")
+    resync_needed = not switched and roles[away] == "primary"
 
     with report.step("Health evidence: primary region") as step:
         evidence = probe_health(primary.health(), health_failures, health_window_seconds)
@@ -159,15 +179,15 @@ def _fail_back(estate: Estate, report: RecoveryReport, rpo: int, health_failures
         return finish_refused(report, "PrimaryRegionUnhealthy",
                               f"The primary region's endpoints are not healthy; nothing was changed. {evidence.summary()}")
 
-    switched = roles[home] == "primary"
     with report.step("Plan the changes") as step:
         up_rows = scale_plan(estate.primary_kube, primary, "declared")
         down_rows = scale_plan(estate.dr_kube, dr, "standby")
         plan = []
-        if not switched:
+        if resync_needed:
             plan.append(f"database {home_address}: {roles[home]} -> standby of {away_address} "
                         f"(pg_rewind{', else a fresh clone with the old data directory moved aside' if allow_clone else ''})")
             plan.append(f"database {away_address}: primary -> fenced, then standby of {home_address} (pg_rewind)")
+        if not switched:
             plan.append(f"database {home_address}: standby -> primary")
         for region, kube in ((primary, estate.primary_kube), (dr, estate.dr_kube)):
             if region.database_secret and kube:
@@ -185,7 +205,30 @@ def _fail_back(estate: Estate, report: RecoveryReport, rpo: int, health_failures
         report.summary = "Dry run: the plan was recorded and nothing was changed."
         return Completed(name="DryRun", message=report.summary)
 
+    if switched:
+        old_text = f"{home_address} is already the primary (switched back by an earlier run)"
+    elif resync_needed:
+        old_text = (f"{home_address} ({roles[home]}) becomes a standby of {away_address}: any commit it took that "
+                    f"never reached {away_address} is discarded by pg_rewind"
+                    + (" (a fresh clone instead moves its data directory aside)" if allow_clone else ""))
+    else:
+        old_text = f"{home_address} already follows {away_address} (resynced by an earlier run)"
+    preview = "\n".join([
+        f"## Fail back from {dr.name} to {primary.name}?", "",
+        f"- **Health evidence**: {report.facts['primary region health']}",
+        f"- **Old primary**: {old_text}",
+        f"- **Data loss**: none of {away_address}'s commits: the switch waits until the old primary has replayed "
+        "every one of them",
+        "", "### Changes", *[f"1. {item}" for item in report.plan],
+    ])
+    name, message = decide(report, approval_policy, approvers, approval_timeout_seconds, approval_poll_seconds,
+                           preview, True)
+    if name:
+        return finish_refused(report, name, message)
+
     if not switched:
+        write_journal(estate.journal_scope, {**journal, "failback": "started", "failback_incident_id": report.incident_id})
+    if resync_needed:
         with report.step("Resync the old primary") as step:
             # A stopped old primary stays stopped: started on its own it would be a second writer.
             # pg_rewind finishes its crash recovery in single-user mode before rewinding it.
@@ -194,25 +237,12 @@ def _fail_back(estate: Estate, report: RecoveryReport, rpo: int, health_failures
             step.detail = f"{resync.address} follows {resync.source} ({resync.method}); {resync.detail}"
         with report.step("Replication lag of the old primary") as step:
             lag = measure_replica_lag(cluster, home, away)
-            lag_within, lag_text = lag.within(rpo), lag.detail
-            step.detail = lag_text
-    else:
-        lag_within, lag_text = True, f"{home_address} is already the primary (switched back by an earlier run)"
-
-    preview = "\n".join([
-        f"## Fail back from {dr.name} to {primary.name}?", "",
-        f"- **Health evidence**: {report.facts['primary region health']}",
-        f"- **Old primary**: {lag_text}",
-        "- **Data loss**: none expected: the switch waits until the old primary has replayed every commit",
-        "", "### Changes", *[f"1. {item}" for item in report.plan],
-    ])
-    name, message = decide(report, approval_policy, approvers, approval_timeout_seconds, approval_poll_seconds,
-                           preview, lag_within)
-    if name:
-        return finish_refused(report, name, message)
+            report.facts["old primary lag after resync"] = lag.detail
+            step.detail = lag.detail
 
     with report.step("Switch the database back") as step:
         result = switchover_primary(cluster, home)
+        write_journal(estate.journal_scope, {**journal, "failback": "switched", "failback_incident_id": report.incident_id})
         report.promotion = {"endpoint": home_address, "already_promoted": result["promotion"]["already_primary"],
                             "promoted_at": result["promotion"]["promoted_at"], "resyncs": result["resyncs"]}
         step.detail = (f"{home_address} primary (already: {result['promotion']['already_primary']}); "
@@ -244,11 +274,12 @@ def _fail_back(estate: Estate, report: RecoveryReport, rpo: int, health_failures
         scale_in_tiers(report, estate.dr_kube, down_rows, "Scale down DR workloads", rollout_timeout_seconds)
 
     with report.step("Verification") as step:
-        report.add_checks("primary region", smoke_test_http(list(primary.health_endpoints.values())))
+        report.add_checks("primary region", smoke_test_http(primary.health()))
         report.add_checks("primary region", smoke_test_sql(cluster, home, queries))
         roles_after = read_roles(cluster)
         report.add_checks("primary region", [CheckResult("original topology", roles_after[home] == "primary"
-                                                    and roles_after[away] == "standby" and cluster.follows(away, home),
+                                                    and roles_after[away] == "standby"
+                                                    and check_streaming(cluster, away, home),
                                                     f"{roles_after}")])
         failed = report.failed_critical("primary region")
         step.outcome = "ok" if not failed else "failed"

@@ -30,11 +30,19 @@ from prefect.states import Completed, Failed, State
 
 from blocks import PostgresCluster, RecoveryObjectives
 from blocks.dns import DnsZone
-from blocks.errors import InvalidInput, RecoveryError
+from blocks.errors import InvalidInput, PostgresError
 from blocks.kubernetes import KubernetesTarget
-from blocks.rds import RdsDatabase, RdsError
+from blocks.rds import RdsDatabase, RdsError, proves_not_writing
 from blocks.region import Region
-from flows.db_failover import decide, dsn_for, failover_key, finish_refused, read_journal, write_journal
+from flows.db_failover import (
+    confirm_lag_after_fence,
+    decide,
+    dsn_for,
+    failover_key,
+    finish_refused,
+    read_journal,
+    write_journal,
+)
 from tasks.approval import ApprovalPolicy, check_approval_settings
 from tasks.dns import check_dns_zone, cutover_dns, plan_dns_cutover
 from tasks.estate import load_block
@@ -42,7 +50,7 @@ from tasks.evidence import RecoveryReport, publish_evidence, utcnow
 from tasks.health import probe_health
 from tasks.kubernetes import read_replicas, restart_rollout, scale_deployment, set_app_secret, wait_for_rollout
 from tasks.locks import recovery_lock
-from tasks.rds import describe_rds_instance, promote_rds_replica, read_rds_replica_lag
+from tasks.rds import check_rds_promoted, describe_rds_instance, promote_rds_replica, read_rds_replica_lag
 from tasks.replication import fence_old_primary, list_writers, measure_replica_lag, promote_replica, read_roles
 from tasks.smoke import smoke_test_http, smoke_test_sql
 
@@ -105,7 +113,7 @@ def load_estate(primary_region: str, dr_region: str, dns_zone: str, dns_ttl_seco
         kube = load_block(KubernetesTarget, region.kubernetes_target) if region.kubernetes_target else None
         if kube is not None:
             for name in kube.deployments:
-                kube.get_deployment(name)  # a missing deployment is refused here, before any change
+                read_replicas(kube, name)  # a missing deployment is refused here, before any change
             if region.database_secret and not kube.deployments:
                 raise InvalidInput(f"region {region.name!r} has a database secret but no deployments to use it")
         kubes.append(kube)
@@ -272,7 +280,7 @@ def _fail_over(estate: Estate, report: RecoveryReport, rpo: int, health_failures
                               f"The primary region's endpoints did not fail {health_failures} consecutive probes within "
                               f"{health_window_seconds:g} s; nothing was changed.")
 
-    resumed = False
+    resumed, old_unknown = False, False
     with report.step("Database evidence") as step:
         if estate.cluster is not None:
             cluster = estate.cluster
@@ -280,7 +288,8 @@ def _fail_over(estate: Estate, report: RecoveryReport, rpo: int, health_failures
             old_role, dr_role = roles[primary.postgres_port], roles[dr.postgres_port]
             report.facts["database roles before"] = ", ".join(f"{p}: {r}" for p, r in sorted(roles.items()))
             old_writable = primary.postgres_port in list_writers(cluster)
-            if dr_role == "primary" and (read_journal(estate.journal_scope) or {}).get("promoted_port") != dr.postgres_port:
+            journal = read_journal(estate.journal_scope, report.incident_id) or {}
+            if dr_role == "primary" and journal.get("promoted_port") != dr.postgres_port:
                 step.outcome, step.detail = "failed", "the DR database is a primary no failover of this estate promoted"
                 return finish_refused(report, "UnexpectedPrimary",
                                       f"The DR database {cluster.instance_at(dr.postgres_port).address} is already a "
@@ -289,9 +298,10 @@ def _fail_over(estate: Estate, report: RecoveryReport, rpo: int, health_failures
             if dr_role == "primary":
                 resumed = True
                 lag_within, lag_text = True, "the DR database is already the primary (promoted by an earlier run)"
-            elif dr_role == "unreachable":
-                step.outcome, step.detail = "failed", "the DR database does not answer"
-                return finish_refused(report, "DrDatabaseDown", "The DR database does not answer; nothing was changed.")
+            elif dr_role != "standby":
+                step.outcome, step.detail = "failed", f"the DR database is {dr_role}"
+                return finish_refused(report, "DrDatabaseDown",
+                                      f"The DR database is {dr_role}, not a standby to promote; nothing was changed.")
             else:
                 lag = measure_replica_lag(cluster, dr.postgres_port, primary.postgres_port, lost_at)
                 lag_within, lag_text = lag.within(rpo), lag.detail
@@ -300,17 +310,26 @@ def _fail_over(estate: Estate, report: RecoveryReport, rpo: int, health_failures
             old_address = cluster.instance_at(primary.postgres_port).address
             new_address = cluster.instance_at(dr.postgres_port).address
         else:
-            old = describe_rds_instance(estate.rds, estate.rds.instance_identifier)
+            try:
+                old = describe_rds_instance(estate.rds, estate.rds.instance_identifier)
+            except RdsError as exc:
+                old = {"identifier": estate.rds.instance_identifier, "status": None}
+                report.facts["old primary status"] = f"unknown: {exc}"
             replica = describe_rds_instance(estate.rds, estate.rds.replica_identifier)
-            old_role = old["status"]
-            old_writable = old["status"] == "available"
-            dr_role = "primary" if estate.rds.is_promoted() else "replica"
+            old_role = old["status"] or "unknown"
+            old_writable = old["status"] is not None and not proves_not_writing(old["status"])
+            old_unknown = old["status"] is None
+            dr_role = "primary" if check_rds_promoted(estate.rds) else "replica"
             resumed = dr_role == "primary"
             lag_seconds = None if resumed else read_rds_replica_lag(estate.rds)
             lag_within = resumed or (lag_seconds is not None and lag_seconds <= rpo)
             lag_text = ("already promoted" if resumed else
                         f"CloudWatch ReplicaLag {'unavailable' if lag_seconds is None else f'{lag_seconds:.1f} s'}")
             report.rpo_seconds = None if resumed else lag_seconds
+            if old_unknown and not resumed:
+                lag_within = False
+                lag_text += ("; the old primary's status could not be read: tick accept_data_loss to confirm it "
+                             "takes no writes")
             old_address, new_address = old["identifier"], replica["identifier"]
         report.facts["replica lag detail"] = lag_text
         step.detail = f"old primary {old_address}: {old_role}; DR {new_address}: {dr_role}; {lag_text}"
@@ -361,21 +380,27 @@ def _fail_over(estate: Estate, report: RecoveryReport, rpo: int, health_failures
         if estate.cluster is not None:
             cluster = estate.cluster
             fenced = fence_old_primary(cluster, primary.postgres_port)
+            if not resumed:
+                refusal = confirm_lag_after_fence(report, cluster, dr.postgres_port, primary.postgres_port, fenced,
+                                                  lost_at, rpo)
+                if refusal:
+                    step.outcome, step.detail = "blocked", refusal
+                    return finish_refused(report, "LagAboveRpo", refusal)
             writers = list_writers(cluster)
             if any(p != dr.postgres_port for p in writers):
-                raise RecoveryError(f"instances on ports {writers} still accept writes; refusing a second writer")
+                raise PostgresError(f"instances on ports {writers} still accept writes; refusing a second writer")
+            write_journal(estate.journal_scope, {"promoted_port": dr.postgres_port, "incident_id": report.incident_id,
+                                                 "state": "promoting"})
             promotion = promote_replica(cluster, dr.postgres_port)
             write_journal(estate.journal_scope, {"promoted_port": dr.postgres_port, "incident_id": report.incident_id,
+                                                 "state": "promoted",
                                                  "promoted_at": promotion.promoted_at or utcnow().isoformat()})
             report.promotion = {"endpoint": promotion.address, "already_promoted": promotion.already_primary,
                                 "promoted_at": promotion.promoted_at, "old_primary": fenced}
             step.detail = (f"old primary {fenced['address']} {fenced['state']}; {promotion.address} primary "
                            f"(already: {promotion.already_primary})")
         else:
-            try:
-                promotion = promote_rds_replica(estate.rds)
-            except RdsError as exc:
-                raise RecoveryError(f"promoting the RDS read replica failed: {exc}") from exc
+            promotion = promote_rds_replica(estate.rds)
             report.promotion = promotion.as_dict()
             step.detail = f"{promotion.identifier} promoted (already: {promotion.already_promoted})"
 
@@ -398,7 +423,7 @@ def _fail_over(estate: Estate, report: RecoveryReport, rpo: int, health_failures
     report.facts["declaration to DNS cutover (s)"] = round(time.monotonic() - declared, 3)
 
     with report.step("Verification: smoke tests") as step:
-        report.add_checks("dr region", smoke_test_http(list(dr.health_endpoints.values())))
+        report.add_checks("dr region", smoke_test_http(dr.health()))
         if estate.cluster is not None:
             report.add_checks("dr region", smoke_test_sql(estate.cluster, dr.postgres_port, queries))
         failed = report.failed_critical("dr region")

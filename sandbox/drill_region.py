@@ -116,8 +116,13 @@ def prepare() -> Sandbox:
     ep = endpoints()
     lay = estate.layout(ep.root)
     save_blocks(ep)
+    from flows.db_failover import clear_journal
+
     cluster = PostgresCluster.load(estate.CLUSTER_BLOCK)
     restore_topology(cluster, lay)
+    # The topology is rebuilt: promotions journalled by earlier (failed) drills no longer describe it.
+    clear_journal(estate.CLUSTER_BLOCK)
+    clear_journal(f"estate-{ZONE_BLOCK}")
     zone = DnsZone.load(ZONE_BLOCK)
     zone.cutover(zone.primary_target)
     httpx.post(f"{ep.health_url}/reset", timeout=5).raise_for_status()
@@ -239,6 +244,7 @@ def _result(scenario: str, report, flow_run_id: str, report_path, checks: list[d
 
 def regional_outage(rows: int = 100_000) -> DrillResult:
     """Lose the primary region under a write load; fail over to the DR region, then fail back."""
+    from flows.db_failover import clear_journal
     from flows.regional_failback import regional_failback
     from flows.regional_failover import regional_failover
     from tasks.evidence import load_report
@@ -277,6 +283,7 @@ def regional_outage(rows: int = 100_000) -> DrillResult:
     back_path = save_report(sb.ep.root, back_id)
     checks.append(_check("failback outcome", back.outcome == "FailedBack", f"{back_state.name}: {back.summary}"))
     restore_topology(sb.cluster, sb.layout)
+    clear_journal(f"estate-{ZONE_BLOCK}")
     topology = sb.cluster.writers() == [sb.P] and pgcluster.replica_streaming(sb.layout)
     checks.append(_check("original topology restored", topology, f"writers {sb.cluster.writers()}"))
     if report.outcome == "FailedOver":

@@ -20,6 +20,12 @@ def read_rds_replica_lag(database: RdsDatabase) -> float | None:
     return database.replica_lag_seconds()
 
 
+@task(name="check-rds-promoted", **policy(timeout_seconds=60))
+def check_rds_promoted(database: RdsDatabase) -> bool:
+    """True when the read replica no longer replicates from its source (promoted by an earlier run)."""
+    return database.is_promoted()
+
+
 @task(name="promote-rds-replica", **policy(timeout_seconds=3600, retries=2))
 def promote_rds_replica(database: RdsDatabase) -> RdsPromotion:
     """Promote the read replica and wait until available; no second promotion on a re-run."""

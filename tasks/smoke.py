@@ -4,36 +4,32 @@ from __future__ import annotations
 
 import time
 
-import httpx
 from prefect import task
 
+from blocks.errors import InvalidInput, PostgresError
+from blocks.health import HealthEndpoints
 from blocks.postgres import CheckResult, PostgresCluster
-from blocks.errors import PostgresError
 from tasks._policy import policy
 
 
 @task(name="smoke-test-http", **policy(timeout_seconds=300, retries=0))
-def smoke_test_http(urls: list[str], timeout_seconds: float = 5, attempts: int = 3, interval_seconds: float = 0.5) -> list[CheckResult]:
-    """GET every URL; each passes on a 2xx answer within ``attempts`` tries."""
-    results = []
-    with httpx.Client(timeout=timeout_seconds) as client:
-        for url in urls:
-            detail = ""
-            passed = False
-            for attempt in range(attempts):
-                started = time.monotonic()
-                try:
-                    answer = client.get(url)
-                    passed = answer.is_success
-                    detail = f"HTTP {answer.status_code} in {1000 * (time.monotonic() - started):.0f} ms"
-                except httpx.HTTPError as exc:
-                    detail = f"{type(exc).__name__}: {exc}"[:200]
-                if passed:
-                    break
-                if attempt + 1 < attempts:
-                    time.sleep(interval_seconds)
-            results.append(CheckResult(f"health {url}", passed, detail))
-    return results
+def smoke_test_http(endpoints: HealthEndpoints, attempts: int = 3, interval_seconds: float = 0.5) -> list[CheckResult]:
+    """Probe every health endpoint; each passes on an expected status within ``attempts`` tries."""
+    if attempts < 1:
+        raise InvalidInput(f"attempts {attempts!r} must be at least 1")
+    results: dict[str, CheckResult] = {}
+    pending = list(endpoints.endpoints)
+    for attempt in range(attempts):
+        for name, probe in endpoints.probe_once(pending).items():
+            detail = (f"HTTP {probe.status} in {probe.latency_ms:.0f} ms" if probe.ok
+                      else (probe.error or f"HTTP {probe.status}")[:200])
+            results[name] = CheckResult(f"health {endpoints.endpoints[name]}", probe.ok, detail)
+        pending = [name for name in pending if not results[name].passed]
+        if not pending:
+            break
+        if attempt + 1 < attempts:
+            time.sleep(interval_seconds)
+    return [results[name] for name in endpoints.endpoints]
 
 
 @task(name="smoke-test-sql", **policy(timeout_seconds=120, retries=0))

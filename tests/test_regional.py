@@ -189,6 +189,28 @@ def test_failover_crash_after_cutover_rerun_and_failback(regions: TwoRegions):
     pgcluster.psql(r.layout, r.P, "INSERT INTO ledger (note) VALUES ('after')")
 
 
+def test_failback_with_the_dr_database_down_is_refused_before_any_change(regions: TwoRegions):
+    from flows.db_failover import clear_journal, write_journal
+    from flows.regional_failback import regional_failback
+
+    r = regions
+    scope = f"estate-{r.zone}"
+    r.cluster.stop_at(r.P)  # failed over by hand: the DR database took over, the old primary is stale
+    r.cluster.promote(r.R)
+    write_journal(scope, {"promoted_port": r.R, "incident_id": "test-failback-down"})
+    r.cluster.stop_at(r.R)  # and now the DR database is down too
+    try:
+        state, report = run(regional_failback, **r.params())
+        assert state.name == "DrDatabaseDown", report.summary
+        assert r.cluster.role(r.P) == "unreachable" and r.cluster.role(r.R) == "unreachable"  # nothing reopened
+        assert not any(s.step.startswith(("Resync", "Switch")) for s in report.steps)
+    finally:
+        clear_journal(scope)
+        r.cluster.start_at(r.R)
+    restore_topology(r.cluster, r.P, r.R)
+    r.untouched()
+
+
 def test_dry_run_and_rejection_change_nothing(regions: TwoRegions, prefect_api):
     from flows.regional_failover import regional_failover
 

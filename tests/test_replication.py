@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from blocks.errors import InvalidInput
+from blocks.errors import InvalidInput, PostgresError
 from sandbox import pgcluster
 from sandbox.paths import free_port
 
@@ -67,8 +67,13 @@ def test_lag_roles_and_writers(cluster_pair):
         behind = block.replica_lag(R)
         assert behind.bytes > 0 and behind.seconds >= 1.0 and behind.measured_from == "primary"
         assert not behind.within(1.0) and behind.within(3600)
+        newest = str(block.query_one("SELECT pg_current_wal_lsn()", port=P))
+        assert not block.replayed(R, newest, 0.5)  # bounded: gives up instead of waiting forever
     finally:
         block.query_one("SELECT pg_wal_replay_resume()", port=R)
+    assert block.replayed(R, newest, 10)
+    with pytest.raises(InvalidInput, match="WAL position"):
+        block.replayed(R, "latest")
 
     with pytest.raises(InvalidInput, match="no instance of this cluster listens on port 1"):
         block.replica_lag(1)
@@ -96,7 +101,7 @@ def test_fence_promote_rewind_and_switch_back(cluster_pair):
     assert sorted(block.writers()) == sorted([P, R])
 
     fenced = block.fence_old_primary(P)
-    assert fenced["state"] == "stopped" and block.writers() == [R]
+    assert fenced["state"] == "stopped" and block.writers() == [R] and fenced["final_lsn"]
     assert block.fence_old_primary(P)["state"] == "unreachable"
 
     resync = block.resync_as_standby(P, R)
@@ -113,6 +118,89 @@ def test_fence_promote_rewind_and_switch_back(cluster_pair):
     assert not block.is_fenced()
 
 
+def test_loss_window_with_the_primary_unreachable_and_replica_ranking(cluster_pair):
+    from datetime import datetime, timedelta, timezone
+
+    from blocks._pg_replication import ReplicaLag
+    from tasks.replication import order_candidates
+
+    block, layout = cluster_pair
+    P, R = layout.primary_port, layout.replica_port
+    pgcluster.psql(layout, P, "INSERT INTO ledger (note) VALUES ('window')")
+    time.sleep(0.8)
+    # The primary, asked on an address nothing listens on, cannot be asked; it was "lost" before its last commit.
+    lost = block.model_copy(update={"primary": block.primary.model_copy(update={"host": "127.0.0.2"})})
+    lag = lost.replica_lag(R, P, primary_lost_at=datetime.now(timezone.utc) - timedelta(hours=1))
+    assert lag.measured_from == "replica" and lag.received_lsn and lag.received_position > 0
+    assert lag.seconds is not None and 0.5 <= lag.seconds < 600, lag  # never clamped to 0 s
+    assert not lag.within(0.1) and "until now" in lag.detail
+
+    def replica(port: int, lsn: str | None, seconds: float | None) -> ReplicaLag:
+        return ReplicaLag(f"h:{port}", port, False, 0, seconds, "replica", None, "", lsn)
+
+    ranked = order_candidates([replica(1, "0/3000000", 1.0), replica(2, "1/100", 9.0), replica(3, None, 0.5)])
+    assert [lag.port for lag in ranked] == [2, 1, 3]  # most WAL received first, unknown last
+
+
+def test_old_primary_that_refuses_our_login_is_stopped_not_skipped(cluster_pair):
+    block, layout = cluster_pair
+    P = layout.primary_port
+    hba = layout.primary_dir / "pg_hba.conf"
+    original = hba.read_text()
+    hba.write_text("host all all 127.0.0.1/32 reject\n" + original)
+    block._pg_ctl("reload", "-D", str(layout.primary_dir))
+    try:
+        time.sleep(0.3)
+        assert block.role(P) == "refusing"  # a running server turning us away is not "unreachable"
+        with pytest.raises(PostgresError, match="cannot be fenced from here"):
+            block.fence_old_primary(P, stop=False)
+        remote = block.model_copy(update={"primary": block.primary.model_copy(update={"data_directory": None})})
+        with pytest.raises(PostgresError, match="pg_hba.conf"):
+            remote.fence_old_primary(P)  # not on this host: nothing can stop it, the failover is blocked
+        assert block.instance_running(str(layout.primary_dir))
+        fenced = block.fence_old_primary(P)
+        assert fenced["state"] == "stopped" and not block.instance_running(str(layout.primary_dir))
+        assert block.role(P) == "unreachable" and block.fence_old_primary(P)["state"] == "unreachable"
+    finally:
+        hba.write_text(original)
+        block.start_at(P)
+    assert block.role(P) == "primary"
+
+
+def test_a_replica_is_reached_on_its_own_host(cluster_pair):
+    block, layout = cluster_pair
+    R = layout.replica_port
+    elsewhere = block.model_copy(update={"replicas": [block.replicas[0].model_copy(update={"host": "127.0.0.2"})]})
+    # The replica listens on 127.0.0.1 only: asking 127.0.0.2 proves the listed host is the one used.
+    assert elsewhere.role(R) == "unreachable" and block.role(R) == "standby"
+    with pytest.raises(Exception, match="127.0.0.2"):
+        elsewhere.query_one("SELECT 1", port=R)
+
+
+def test_switchover_never_leaves_the_serving_primary_fenced_nor_reopens_a_fenced_one(cluster_pair):
+    from blocks.errors import RecoveryError
+
+    block, layout = cluster_pair
+    P, R = layout.primary_port, layout.replica_port
+    block.query_one("SELECT pg_wal_replay_pause()", port=R)
+    try:
+        pgcluster.psql(layout, P, "INSERT INTO ledger (note) VALUES ('unreplayed')")
+        with pytest.raises(RecoveryError, match="to replay"):
+            block.switchover(R, timeout_seconds=1)  # the standby cannot catch up: nothing is promoted
+    finally:
+        block.query_one("SELECT pg_wal_replay_resume()", port=R)
+    assert block.writers() == [P] and not block.is_fenced() and block.role(R) == "standby"
+
+    block.fence_instance(P)  # a fenced primary is not opened again by a switchover "to" it
+    try:
+        with pytest.raises(PostgresError, match="fenced primary"):
+            block.switchover(P)
+        assert block.is_fenced()
+    finally:
+        block.unfence_instance(P)
+    assert block.writers() == [P]
+
+
 def test_resync_falls_back_to_a_clone_and_keeps_the_old_directory(cluster_pair):
     block, layout = cluster_pair
     P, R = layout.primary_port, layout.replica_port
@@ -123,6 +211,14 @@ def test_resync_falls_back_to_a_clone_and_keeps_the_old_directory(cluster_pair):
     assert resync.method == "clone" and resync.moved_aside
     assert Path(resync.moved_aside, "PG_VERSION").exists()  # moved aside, not deleted
     assert block.follows(R, P) and pgcluster.replica_streaming(layout)
+
+    # A clone that failed half-way left no data directory: the re-run takes the configuration from the copy.
+    block.stop_at(R)
+    aside = f"{layout.replica_dir}.failed-29991231T000000Z"
+    layout.replica_dir.rename(aside)
+    again = block.resync_as_standby(R, P)
+    assert again.method == "clone" and again.moved_aside == aside
+    assert block.follows(R, P) and (layout.replica_dir / "pg_hba.conf").read_text() == Path(aside, "pg_hba.conf").read_text()
 
 
 # ---------------------------------------------------------------------------------------------- Route53
@@ -155,6 +251,12 @@ def test_dns_cutover_is_idempotent(aws):
     again = zone.cutover(zone.secondary_target)
     assert again.already_pointing and again.change_id is None
     assert zone.plan(zone.secondary_target) == []
+
+    # A change submitted by an attempt whose INSYNC wait failed is waited on by the next attempt.
+    submitted = zone.upsert(zone.primary_target, "attempt whose wait failed")
+    retried = zone.cutover(zone.primary_target)
+    assert retried.change_id == submitted and not retried.already_pointing and retried.status == "INSYNC"
+    assert zone.cutover(zone.primary_target).already_pointing
 
 
 def test_dns_refuses_bad_inputs(aws):
@@ -196,5 +298,10 @@ def test_rds_promotion_is_idempotent(aws):
     assert second.already_promoted and second.promoted_at == first.promoted_at
     with pytest.raises(InvalidInput, match="no DB instance"):
         db.describe("nope")
+    from blocks.rds import proves_not_writing
+
+    assert proves_not_writing("stopped") and proves_not_writing("deleting")
+    assert not proves_not_writing("available") and not proves_not_writing("modifying")
+    assert not proves_not_writing(None)  # a status that could not be read proves nothing
     with pytest.raises(ValidationError):
         RdsDatabase(instance_identifier="a", replica_identifier="a", credentials=aws)
