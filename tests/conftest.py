@@ -27,6 +27,11 @@ TESTS = Path(__file__).resolve().parent
 pytest_plugins = sorted(p.stem for p in TESTS.glob("fixtures_*.py"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Start the longest test (the whole sandbox and every drill) first, so parallel workers end together."""
+    items.sort(key=lambda item: 0 if item.path.name == "test_sandbox.py" else 1)
+
+
 @pytest.fixture(scope="session")
 def prefect_api() -> str:
     with prefect_test_harness(server_startup_timeout=90):
