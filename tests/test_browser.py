@@ -172,7 +172,7 @@ def test_trigger_pause_approve_and_complete_from_the_ui(ui_server, pg, tmp_path)
             page.get_by_role("button", name="Submit").click()
 
             final = _wait(lambda: (lambda r: r if r and r.get("state_type") in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
-                                   else None)(run_state()), 90, "the run to finish")
+                                   else None)(run_state()), 240, "the run to finish")
             page.reload()
             expect(page.get_by_text("Recovered").first).to_be_visible()
             shot(page, "completed")

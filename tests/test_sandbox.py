@@ -92,7 +92,13 @@ def test_up_twice_is_harmless_and_down_leaves_no_process(state_dir):
     # The main job: every drill, then one again on the estate the others left behind.
     drill = subprocess.run([DR, "drill", "all", "--json", "--rows", "3000"], env=env,
                            capture_output=True, text=True, timeout=1200)
-    assert drill.returncode == 0, drill.stdout[-3000:] + drill.stderr[-3000:]
+    if drill.returncode != 0:
+        try:
+            failed = {r["scenario"]: [c for c in r["checks"] if not c["passed"]] or r["outcome"]
+                      for r in json.loads(drill.stdout) if not r["passed"]}
+        except ValueError:
+            failed = drill.stdout[-3000:]
+        pytest.fail(f"dr drill all failed: {failed}\n{drill.stderr[-3000:]}")
     results = json.loads(drill.stdout)
     from sandbox.drills import DRILLS
 
