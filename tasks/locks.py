@@ -25,6 +25,10 @@ from prefect.variables import Variable
 from blocks.errors import RecoveryInProgress
 
 
+# Seconds a held slot outlives a holder that stopped renewing it (Prefect's minimum lease).
+LEASE_SECONDS = 60
+
+
 def lock_name(target: str) -> str:
     return "dr-recovery-" + re.sub(r"[^a-z0-9-]+", "-", target.lower()).strip("-")
 
@@ -63,7 +67,7 @@ def release_lock(target: str, keep_holder: bool = False) -> None:
 def _acquire(name: str, wait_seconds: float) -> ExitStack:
     held = ExitStack()
     # A failed lease renewal must not interrupt a recovery halfway through a promotion.
-    held.enter_context(concurrency(name, occupy=1, strict=True, timeout_seconds=wait_seconds, lease_duration=60,
+    held.enter_context(concurrency(name, occupy=1, strict=True, timeout_seconds=wait_seconds, lease_duration=LEASE_SECONDS,
                                    raise_on_lease_renewal_failure=False))
     return held
 
@@ -84,22 +88,31 @@ def recovery_lock(target: str, wait_seconds: float, flow_run_id: UUID | None = N
         held = _acquire(name, wait_seconds)
     except TimeoutError as exc:
         holder = lock_holder(target)
-        if not holder or not holder["final"]:
+        held = None
+        if holder is None:
+            # Held but not recorded: a run between taking the slot and recording itself, or a slot whose
+            # release did not reach the server. Such a lease runs out within LEASE_SECONDS.
+            try:
+                held = _acquire(name, LEASE_SECONDS + 5)
+            except TimeoutError:
+                holder = lock_holder(target)
+        if held is None and (not holder or not holder["final"]):
             who = (f"flow run {holder['flow_run_id']} ({holder['state']}, since {holder['since']})"
                    if holder else "an unrecorded holder")
             raise RecoveryInProgress(
                 f"another recovery of {target!r} is running: {who} holds lock {name}; waited {wait_seconds:.0f} s. "
                 f"If that run is dead, mark it Crashed or Cancelled, or release the lock with `dr unlock {target}`"
             ) from exc
-        # Claim before releasing, and go on only if the claim stuck: of two runs reclaiming
-        # the same stale lock, the one whose claim is overwritten backs off.
-        claim = {"flow_run_id": str(flow_run_id), "since": datetime.now(timezone.utc).isoformat(), "reclaiming": True}
-        Variable.set(_holder_variable(name), claim, overwrite=True)
-        if Variable.get(_holder_variable(name), default=None) != claim:
-            raise RecoveryInProgress(f"another run is reclaiming the stale lock {name} of {target!r}") from exc
-        get_run_logger().warning("Reclaiming lock %s left by flow run %s (%s)", name, holder["flow_run_id"], holder["state"])
-        release_lock(target, keep_holder=True)
-        held = _acquire(name, wait_seconds)
+        if held is None:
+            # Claim before releasing, and go on only if the claim stuck: of two runs reclaiming
+            # the same stale lock, the one whose claim is overwritten backs off.
+            claim = {"flow_run_id": str(flow_run_id), "since": datetime.now(timezone.utc).isoformat(), "reclaiming": True}
+            Variable.set(_holder_variable(name), claim, overwrite=True)
+            if Variable.get(_holder_variable(name), default=None) != claim:
+                raise RecoveryInProgress(f"another run is reclaiming the stale lock {name} of {target!r}") from exc
+            get_run_logger().warning("Reclaiming lock %s left by flow run %s (%s)", name, holder["flow_run_id"], holder["state"])
+            release_lock(target, keep_holder=True)
+            held = _acquire(name, wait_seconds)
     with held:
         if flow_run_id:
             Variable.set(_holder_variable(name), {"flow_run_id": str(flow_run_id),
