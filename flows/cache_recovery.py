@@ -27,7 +27,7 @@ from prefect.states import Cancelled, Completed, Failed, State
 from blocks import CheckResult, RecoveryObjectives
 from blocks.errors import InvalidInput
 from blocks.redis_cache import CacheStats, RedisCache
-from tasks.approval import auto_approval, check_approval_settings, request_approval
+from tasks.approval import approval_step, check_approval_settings
 from tasks.estate import load_block
 from tasks.evidence import RecoveryReport, publish_evidence, utcnow
 from tasks.locks import recovery_lock
@@ -182,21 +182,12 @@ def _recover(cache: RedisCache, report: RecoveryReport, approval_policy: str, ap
         return Completed(name="DryRun", message=report.summary)
 
     if approval_policy != "none":
-        with report.step("Approval") as step:
-            if approval_policy == "auto":
-                decision = auto_approval("drill run: approval policy 'auto'")
-                report.approvals.append(decision)
-            else:
-                preview = (f"## Flush cache `{report.target}`?\n\n- **Database**: {cache.address}\n"
-                           f"- **Keys now**: {before.dbsize}\n- **Latency p95**: {latency_before.p95_ms} ms\n\n"
-                           "Approving deletes every key of this one database; applications repopulate it "
-                           "from the database of record. Rejecting changes nothing.")
-                decision, answers = request_approval(preview, approvers, approval_timeout_seconds, approval_poll_seconds)
-                report.approvals.extend(answers)
-            if decision is None or not decision.approved:
-                step.outcome = "timed out" if decision is None else "rejected"
-            else:
-                step.detail = f"approved by {decision.approver}"
+        preview = (f"## Flush cache `{report.target}`?\n\n- **Database**: {cache.address}\n"
+                   f"- **Keys now**: {before.dbsize}\n- **Latency p95**: {latency_before.p95_ms} ms\n\n"
+                   "Approving deletes every key of this one database; applications repopulate it "
+                   "from the database of record. Rejecting changes nothing.")
+        decision = approval_step(report, approval_policy, preview, approvers, approval_timeout_seconds,
+                                 approval_poll_seconds)
         if decision is None or not decision.approved:
             name = "ApprovalTimedOut" if decision is None else "Rejected"
             report.outcome = name

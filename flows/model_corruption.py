@@ -26,7 +26,7 @@ from blocks.errors import InvalidInput
 from blocks.kubernetes import KubernetesTarget
 from blocks.models import ModelRegistry, check_name
 from blocks.postgres import CheckResult
-from tasks.approval import ApprovalPolicy, auto_approval, check_approval_settings, request_approval
+from tasks.approval import ApprovalPolicy, approval_step, check_approval_settings
 from tasks.estate import load_block
 from tasks.evidence import RecoveryReport, publish_evidence, utcnow
 from tasks.kubernetes import restart_rollout, stop_training_jobs, wait_for_rollout
@@ -227,19 +227,8 @@ def _recover(report: RecoveryReport, registry: ModelRegistry, kube: KubernetesTa
         report.action_items += [f"choose another version of {model}", "resume training only once a good model serves"]
         return Failed(name="VerificationFailed", message=report.summary)
 
-    with report.step("Approval") as step:
-        if approval_policy == "auto":
-            decision = auto_approval("drill run: approval policy 'auto'")
-            report.approvals.append(decision)
-        else:
-            decision, answers = request_approval(_preview(report, model, version, previous), approvers,
-                                                 approval_timeout_seconds, approval_poll_seconds)
-            report.approvals.extend(answers)
-        if decision is None or not decision.approved:
-            step.outcome = "timed out" if decision is None else "rejected"
-            step.detail = "no approval" if decision is None else f"{decision.approver}: {decision.comment}"
-        else:
-            step.detail = f"approved by {decision.approver}"
+    decision = approval_step(report, approval_policy, _preview(report, model, version, previous), approvers,
+                             approval_timeout_seconds, approval_poll_seconds)
     if decision is None or not decision.approved:
         name = "ApprovalTimedOut" if decision is None else "Rejected"
         report.outcome = name

@@ -33,7 +33,7 @@ from blocks import CheckResult, RecoveryObjectives
 from blocks.errors import InvalidInput
 from blocks.kubernetes import KubernetesTarget
 from blocks.object_store import ObjectStore, ObjectStoreError, ReplicaComparison, RestorePlan
-from tasks.approval import ApprovalPolicy, auto_approval, check_approval_settings, request_approval
+from tasks.approval import ApprovalPolicy, approval_step, check_approval_settings
 from tasks.estate import load_block
 from tasks.evidence import RecoveryReport, StepRecord, publish_evidence, utcnow
 from tasks.kubernetes import annotate_deployment, restart_rollout, set_app_secret, wait_for_rollout
@@ -235,18 +235,7 @@ def _verify_replica(store: ObjectStore, report: RecoveryReport, prefix: str) -> 
 
 def _approve(report: RecoveryReport, preview: str, approval_policy: str, approvers: list[str], timeout: int,
              poll: float):
-    with report.step("Approval") as step:
-        if approval_policy == "auto":
-            decision = auto_approval("drill run: approval policy 'auto'")
-            report.approvals.append(decision)
-        else:
-            decision, answers = request_approval(preview, approvers, timeout, poll)
-            report.approvals.extend(answers)
-        if decision is None or not decision.approved:
-            step.outcome = "timed out" if decision is None else "rejected"
-        else:
-            step.detail = f"approved by {decision.approver}"
-    return decision
+    return approval_step(report, approval_policy, preview, approvers, timeout, poll)
 
 
 def _not_approved(report: RecoveryReport, decision, what: str) -> State:

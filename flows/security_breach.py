@@ -42,7 +42,7 @@ from blocks.errors import InvalidInput, RecoveryError
 from blocks.evidence_vault import EvidenceVault
 from blocks.kubernetes import KubernetesTarget
 from blocks.postgres import CheckResult
-from tasks.approval import ApprovalPolicy, auto_approval, check_approval_settings, request_approval
+from tasks.approval import ApprovalPolicy, approval_step, check_approval_settings
 from tasks.aws import (
     check_access_keys_revoked,
     check_quarantine,
@@ -705,18 +705,9 @@ def _restore(
                                 _unfence_item(report)]
         return Failed(name="VerificationFailed", message=report.summary)
 
-    with report.step("Approval") as step:
-        if approval_policy == "auto":
-            decision = auto_approval("drill run: approval policy 'auto'")
-            report.approvals.append(decision)
-        else:
-            decision, answers = request_approval(_preview(report, cluster, candidate.data_directory), approvers,
-                                                 approval_timeout_seconds, approval_poll_seconds)
-            report.approvals.extend(answers)
-        approved = decision is not None and decision.approved
-        step.outcome = "ok" if approved else ("timed out" if decision is None else "rejected")
-        step.detail = f"approved by {decision.approver}" if approved else ("no approval" if decision is None else
-                                                                            f"{decision.approver}: {decision.comment}")
+    decision = approval_step(report, approval_policy, _preview(report, cluster, candidate.data_directory), approvers,
+                             approval_timeout_seconds, approval_poll_seconds)
+    approved = decision is not None and decision.approved
     if not approved:
         stop_restored_instance(cluster, candidate)
         name = "ApprovalTimedOut" if decision is None else "Rejected"

@@ -20,7 +20,7 @@ from prefect.utilities.asyncutils import run_coro_as_sync
 from pydantic import Field
 
 from blocks.errors import InvalidInput
-from tasks.evidence import ApprovalRecord, utcnow
+from tasks.evidence import ApprovalRecord, RecoveryReport, utcnow
 from tasks.notify import deliver, status_update
 
 ApprovalPolicy = Literal["required", "auto"]
@@ -155,3 +155,33 @@ def _wait_for_answer(form: type[ApprovalDecision], key: str, wait_seconds: float
 def auto_approval(reason: str) -> ApprovalRecord:
     """The recorded approval of a drill run under the 'auto' policy."""
     return ApprovalRecord(approver="auto (drill policy)", approved=True, comment=reason, at=utcnow(), policy="auto (drill)")
+
+
+def approval_step(
+    report: RecoveryReport,
+    approval_policy: str,
+    preview_markdown: str,
+    allowed_approvers: list[str],
+    timeout_seconds: int,
+    poll_interval_seconds: float = 5,
+) -> ApprovalRecord | None:
+    """The runbook's approval step, recorded in ``report``: the drill's 'auto' approval, or a named approver.
+
+    Returns:
+        The decision (None when the deadline passed without an accepted answer).
+    """
+    with report.step("Approval") as step:
+        if approval_policy == "auto":
+            decision = auto_approval("drill run: approval policy 'auto'")
+            report.approvals.append(decision)
+        else:
+            decision, answers = request_approval(preview_markdown, allowed_approvers, timeout_seconds,
+                                                 poll_interval_seconds)
+            report.approvals.extend(answers)
+        if decision is None:
+            step.outcome, step.detail = "timed out", "no approval"
+        elif not decision.approved:
+            step.outcome, step.detail = "rejected", f"{decision.approver}: {decision.comment}"
+        else:
+            step.detail = f"approved by {decision.approver}"
+    return decision
