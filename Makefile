@@ -14,7 +14,7 @@ drill: apt venv
 test: APT_PACKAGES += $(TEST_APT_PACKAGES)
 test: apt venv
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile --durations=15
 
 bench: apt venv
 	$(VENV)/bin/python benchmarks/run.py

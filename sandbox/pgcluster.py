@@ -225,6 +225,48 @@ def build(layout: ClusterLayout, with_replica: bool = True) -> None:
         ensure_replica(layout)
 
 
+def build_single(root: Path, port: int, password: str, *, durable: bool = True) -> Path:
+    """Create (first time) and start a plain PostgreSQL server under ``root/pg/data``: no archiving, no replica.
+
+    Used for an application's own database, such as the Prefect server's. ``durable=False`` turns fsync off
+    for throw-away test servers. Returns the data directory. Idempotent.
+    """
+    if not (PG_BIN / "initdb").exists():
+        raise SandboxError(f"PostgreSQL 15 binaries not found in {PG_BIN}; install the postgresql package")
+    data_dir = root / "pg" / "data"
+    sockets = root / "pg" / "sockets"
+    for path in (root, root / "pg", sockets):
+        _mkdir(path, 0o755)
+    if not (data_dir / "PG_VERSION").exists():
+        if data_dir.exists():
+            shutil.rmtree(data_dir)
+        pwfile = root / "pg" / ".initpw"
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(password + "\n")
+        _own(pwfile)
+        try:
+            _run([str(PG_BIN / "initdb"), "-D", str(data_dir), "-U", "postgres", f"--pwfile={pwfile}",
+                  "--auth-local=peer", "--auth-host=scram-sha-256", "-N", "-E", "UTF8", "--locale=C.UTF-8"],
+                 timeout=120)
+        finally:
+            pwfile.unlink(missing_ok=True)
+        with open(data_dir / "postgresql.conf", "a") as fh:
+            fh.write(
+                "\n# dr sandbox\n"
+                "listen_addresses = '127.0.0.1'\n"
+                f"port = {port}\n"
+                f"unix_socket_directories = '{sockets}'\n"
+                "max_connections = 100\n"
+                "shared_buffers = '64MB'\n"
+                + ("" if durable else "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n")
+            )
+        (data_dir / "pg_hba.conf").write_text(_hba())
+        _own(data_dir / "pg_hba.conf")
+    start(data_dir)
+    return data_dir
+
+
 def pgbackrest(layout: ClusterLayout, *args: str, timeout: float = 300) -> str:
     proc = _run(["pgbackrest", f"--config={layout.pgbackrest_conf}", f"--stanza={STANZA}", *args], timeout=timeout)
     return proc.stdout

@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -16,7 +17,6 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import pytest  # noqa: E402
 from prefect.settings import PREFECT_API_URL  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from sandbox import pgcluster  # noqa: E402
 from sandbox.paths import free_port  # noqa: E402
@@ -33,9 +33,58 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def prefect_api() -> str:
-    with prefect_test_harness(server_startup_timeout=90):
+def prefect_api(work_root) -> str:
+    """A real Prefect server on its own PostgreSQL database.
+
+    Prefect's test harness keeps its database in SQLite, which answers "database is locked" when two
+    test workers keep their servers busy; production servers run on PostgreSQL, and so does this one.
+    """
+    password = uuid.uuid4().hex
+    port = free_port()
+    pgcluster.build_single(work_root / "prefect-server", port, password, durable=False)
+    url = f"postgresql+asyncpg://postgres:{password}@127.0.0.1:{port}/postgres"
+    with prefect_server(url, startup_timeout=90):
         yield PREFECT_API_URL.value()
+
+
+@contextmanager
+def prefect_server(database_url: str, startup_timeout: int):
+    """Prefect's test harness, with the server's database at ``database_url``."""
+    import prefect.context
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.server.database.dependencies import temporary_database_interface
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    with ExitStack() as stack:
+        stack.enter_context(temporary_database_interface())
+        stack.enter_context(temporary_settings(updates={PREFECT_SERVER_DATABASE_CONNECTION_URL: database_url}))
+        server = SubprocessASGIServer(port=free_port())
+        SubprocessASGIServer._instances[None] = server
+        server.start(timeout=startup_timeout)
+        stack.callback(server.stop)
+        stack.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
+        stack.enter_context(prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()))
+        yield
+        run_coro_as_sync(_drain_workers())
+
+
+async def _drain_workers() -> None:
+    """Send the logs and events still queued before the server stops, as Prefect's test harness does."""
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    try:
+        result = APILogWorker.instance().drain()
+        if inspect.isawaitable(result):
+            await result
+    except RuntimeError:
+        pass
+    result = EventsWorker.drain_all()
+    if inspect.isawaitable(result):
+        await result
 
 
 @pytest.fixture(scope="session")

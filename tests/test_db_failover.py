@@ -119,7 +119,7 @@ def test_lag_above_rpo_blocks_unless_the_approver_accepts_the_loss(db, prefect_a
     run_name = f"accept-{uuid.uuid4().hex[:6]}"
 
     def approve():
-        paused = wait_for_run(run_name, lambda fr: fr.state is not None and fr.state.is_paused(), timeout=60)
+        paused = wait_for_run(run_name, lambda fr: fr.state is not None and fr.state.is_paused(), timeout=240)
         resume_flow_run(paused.id, run_input={"approve": True, "approver": "bob", "comment": "accept 2 s",
                                               "accept_data_loss": True})
 
@@ -129,7 +129,7 @@ def test_lag_above_rpo_blocks_unless_the_approver_accepts_the_loss(db, prefect_a
 
     state = db_failover.with_options(flow_run_name=run_name)(
         **params(name, kube, objectives_block=tight, approval_policy="required", drill=False,
-                 allowed_approvers=["bob"], approval_poll_seconds=0.3, approval_timeout_seconds=60),
+                 allowed_approvers=["bob"], approval_poll_seconds=0.3, approval_timeout_seconds=300),
         return_state=True)
     answer.join(timeout=60)
     report = load_report(state.state_details.flow_run_id)

@@ -241,7 +241,7 @@ def test_objects_damaged_while_awaiting_approval_are_never_promoted(registry, ku
     seen: dict = {}
 
     def approve_after_damage() -> None:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 240
         with get_client(sync_client=True) as client:
             while time.monotonic() < deadline:
                 runs = [r for r in client.read_flow_runs(limit=50)
@@ -258,7 +258,7 @@ def test_objects_damaged_while_awaiting_approval_are_never_promoted(registry, ku
     state, report = run(reg, version="v1", approval_policy="required", allowed_approvers=["alice"], drill=False,
                         kube_block=kube_name, training_job_selector="app=ppo-training", delete_training_jobs=True,
                         serving_deployments=["optimizer"], rollout_timeout_seconds=10,
-                        approval_timeout_seconds=60, approval_poll_seconds=0.5)
+                        approval_timeout_seconds=300, approval_poll_seconds=0.5)
     approver.join(timeout=5)
 
     assert seen["jobs"] == [{"name": "ppo-training", "labels": {"app": "ppo-training"}, "suspended": True,

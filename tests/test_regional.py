@@ -226,7 +226,7 @@ def test_dry_run_and_rejection_change_nothing(regions: TwoRegions, prefect_api):
     run_name = f"reject-{uuid.uuid4().hex[:6]}"
 
     def reject():
-        paused = wait_for_run(run_name, lambda fr: fr.state is not None and fr.state.is_paused(), timeout=60)
+        paused = wait_for_run(run_name, lambda fr: fr.state is not None and fr.state.is_paused(), timeout=240)
         resume_flow_run(paused.id, run_input={"approve": False, "approver": "alice", "comment": "primary is back",
                                               "accept_data_loss": False})
 
@@ -234,7 +234,7 @@ def test_dry_run_and_rejection_change_nothing(regions: TwoRegions, prefect_api):
     answer.start()
     state = regional_failover.with_options(flow_run_name=run_name)(
         **r.params(approval_policy="required", drill=False, allowed_approvers=["alice"], approval_poll_seconds=0.3,
-                   approval_timeout_seconds=60), return_state=True)
+                   approval_timeout_seconds=300), return_state=True)
     answer.join(timeout=60)
     report = load_report(state.state_details.flow_run_id)
     assert state.name == "Rejected" and report.approvals[0].approver == "alice"
