@@ -56,6 +56,19 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+def prefect_db_root(root: Path) -> Path:
+    """Where the PostgreSQL server that holds the Prefect run history keeps its data."""
+    return root / "prefect-db"
+
+
+def _server_env(state: dict) -> dict:
+    """The Prefect server's database: its own PostgreSQL, apart from the clusters the drills break."""
+    if state.get("prefect_database") != "postgresql":
+        return {}
+    url = f"postgresql+asyncpg://postgres:{state['password']}@127.0.0.1:{state['prefect_db_port']}/postgres"
+    return {"PREFECT_SERVER_DATABASE_CONNECTION_URL": url}
+
+
 def _env(root: Path, state: dict) -> dict:
     return dict(
         os.environ,
@@ -77,14 +90,15 @@ def _alive(pid_file: Path) -> int | None:
     return pid
 
 
-def _spawn(root: Path, state: dict, name: str, cmd: list[str]) -> None:
+def _spawn(root: Path, state: dict, name: str, cmd: list[str], extra_env: dict | None = None) -> None:
     pid_file = root / "run" / f"{name}.pid"
     if _alive(pid_file):
         return
     pid_file.parent.mkdir(parents=True, exist_ok=True)
     log = open(root / "run" / f"{name}.log", "ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=_env(root, state), cwd=str(REPO_ROOT), start_new_session=True)
+                            env=dict(_env(root, state), **(extra_env or {})), cwd=str(REPO_ROOT),
+                            start_new_session=True)
     pid_file.write_text(str(proc.pid))
 
 
@@ -156,6 +170,11 @@ def up(root: Path | None = None, deploy: bool = True) -> SandboxInfo:
     if _alive(root / "run" / "server.pid") is None and not port_is_free(state["prefect_port"]):
         state["prefect_port"] = free_port()  # taken by something else since the last run
         save_state(root, state)
+    prefect_db = prefect_db_root(root)
+    if (state["prefect_database"] == "postgresql" and not pgcluster.is_running(prefect_db / "pg" / "data")
+            and not port_is_free(state["prefect_db_port"])):
+        state["prefect_db_port"] = free_port()
+        save_state(root, state)
     lay = layout(root)
     pgcluster.build(lay, with_replica=False)
     warnings = []
@@ -164,8 +183,10 @@ def up(root: Path | None = None, deploy: bool = True) -> SandboxInfo:
     except pgcluster.SandboxError as exc:  # e.g. a page damaged by a drill: the next drill replaces it
         warnings.append(f"replica not running: {exc}")
     api = prefect_api_url(state)
+    if state["prefect_database"] == "postgresql":
+        pgcluster.build_single(prefect_db, state["prefect_db_port"], state["password"])
     _spawn(root, state, "server", [_bin("prefect"), "server", "start", "--host", "127.0.0.1",
-                                   "--port", str(state["prefect_port"])])
+                                   "--port", str(state["prefect_port"])], _server_env(state))
     ep = services.start(root)
     _wait_healthy(api)
     _prefect(root, state, "block", "register", "-m", "blocks")
@@ -196,6 +217,9 @@ def is_up(root: Path | None = None) -> bool:
     root = root or state_dir()
     if not load_state(root):
         return False
+    state = load_state(root)
+    if state.get("prefect_database") == "postgresql" and not pgcluster.is_running(prefect_db_root(root) / "pg" / "data"):
+        return False
     return (pgcluster.is_running(root / "pg" / "primary") and _alive(root / "run" / "server.pid") is not None
             and all(services.running_pid(root, name) is not None for name in services.SERVICES))
 
@@ -209,4 +233,5 @@ def down(root: Path | None = None) -> list[str]:
             stopped.append(name)
     stopped += services.stop(root)
     stopped += pgcluster.stop_all(root)
+    stopped += pgcluster.stop_all(prefect_db_root(root))
     return stopped

@@ -52,7 +52,11 @@ def ensure_state(root: Path) -> dict:
     """Ports and the superuser password of the sandbox, chosen once and kept."""
     state = load_state(root)
     changed = False
-    for key in ("primary_port", "replica_port", "prefect_port"):
+    if "prefect_database" not in state:
+        # Prefect's run history lives in PostgreSQL; a sandbox created with SQLite keeps its history there.
+        state["prefect_database"] = "sqlite" if (root / "prefect" / "prefect.db").exists() else "postgresql"
+        changed = True
+    for key in ("primary_port", "replica_port", "prefect_port", "prefect_db_port"):
         if key not in state:
             state[key] = free_port()
             changed = True

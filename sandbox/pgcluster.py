@@ -229,7 +229,8 @@ def build_single(root: Path, port: int, password: str, *, durable: bool = True) 
     """Create (first time) and start a plain PostgreSQL server under ``root/pg/data``: no archiving, no replica.
 
     Used for an application's own database, such as the Prefect server's. ``durable=False`` turns fsync off
-    for throw-away test servers. Returns the data directory. Idempotent.
+    for throw-away test servers. A stopped server starts on ``port`` even if it was created on another one.
+    Returns the data directory. Idempotent.
     """
     if not (PG_BIN / "initdb").exists():
         raise SandboxError(f"PostgreSQL 15 binaries not found in {PG_BIN}; install the postgresql package")
@@ -252,17 +253,20 @@ def build_single(root: Path, port: int, password: str, *, durable: bool = True) 
         finally:
             pwfile.unlink(missing_ok=True)
         with open(data_dir / "postgresql.conf", "a") as fh:
-            fh.write(
-                "\n# dr sandbox\n"
-                "listen_addresses = '127.0.0.1'\n"
-                f"port = {port}\n"
-                f"unix_socket_directories = '{sockets}'\n"
-                "max_connections = 100\n"
-                "shared_buffers = '64MB'\n"
-                + ("" if durable else "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n")
-            )
+            fh.write("\n# dr sandbox\ninclude_if_exists = 'dr.conf'\n")
         (data_dir / "pg_hba.conf").write_text(_hba())
         _own(data_dir / "pg_hba.conf")
+    if not is_running(data_dir):
+        settings = (
+            "listen_addresses = '127.0.0.1'\n"
+            f"port = {port}\n"
+            f"unix_socket_directories = '{sockets}'\n"
+            "max_connections = 100\n"
+            "shared_buffers = '64MB'\n"
+            + ("" if durable else "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n")
+        )
+        (data_dir / "dr.conf").write_text(settings)
+        _own(data_dir / "dr.conf")
     start(data_dir)
     return data_dir
 

@@ -108,6 +108,16 @@ def test_up_twice_is_harmless_and_down_leaves_no_process(state_dir):
         for key in ("rto_objective_seconds", "rpo_objective_seconds", "flow_run_id", "outcome", "checks"):
             assert result[key] is not None, (result["scenario"], key)
         assert Path(result["report"]).read_text().startswith("# Incident Report: "), result
+    # The run history, the audit trail, lies in the Prefect server's own PostgreSQL, apart from the drilled clusters.
+    import psycopg
+
+    state = json.loads((root / "sandbox.json").read_text())
+    assert state["prefect_database"] == "postgresql"
+    with psycopg.connect(host="127.0.0.1", port=state["prefect_db_port"], user="postgres",
+                         password=state["password"], dbname="postgres", connect_timeout=10) as conn:
+        flows = {row[0] for row in conn.execute("SELECT f.name FROM flow_run r JOIN flow f ON f.id = r.flow_id "
+                                                "WHERE r.state_type = 'COMPLETED'")}
+    assert {"dr-drill", "database-corruption-recovery", "regional-failover", "database-server-failover"} <= flows, flows
     again = subprocess.run([DR, "drill", "db-corruption", "--json", "--rows", "3000"], env=env,
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
