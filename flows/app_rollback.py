@@ -25,9 +25,9 @@ from blocks import CheckResult, RecoveryObjectives
 from blocks.errors import InvalidInput
 from blocks.health import HealthEndpoints
 from blocks.kubernetes import KubernetesTarget, RollbackPlan, RolloutNotReady, template_digest
-from tasks.approval import auto_approval, check_approval_settings, request_approval
+from tasks.approval import approval_step, check_approval_settings
 from tasks.estate import load_block
-from tasks.evidence import ApprovalRecord, RecoveryReport, publish_evidence, utcnow
+from tasks.evidence import RecoveryReport, publish_evidence, utcnow
 from tasks.health import probe_health
 from tasks.kubernetes import (
     list_deployment_pods,
@@ -290,24 +290,8 @@ def _rollback(target: KubernetesTarget, deployment: str, to_revision: int | None
             report.summary = f"Dry run: {plan.describe()}. Nothing was changed."
             return Completed(name="DryRun", message=report.summary)
 
-        with report.step("Approval") as step:
-            if approval_policy == "auto":
-                decision = auto_approval("drill run: approval policy 'auto'")
-                report.approvals.append(decision)
-            elif approval_policy == "none":
-                decision = ApprovalRecord(approver="on-call operator (flow trigger)", approved=True,
-                                          comment="rollback is reversible: approval policy 'none'", at=utcnow(),
-                                          policy="none (reversible)")
-                report.approvals.append(decision)
-            else:
-                decision, answers = request_approval(_preview(report, plan, target), approvers, approval_timeout,
-                                                     approval_poll)
-                report.approvals.extend(answers)
-            if decision is None or not decision.approved:
-                step.outcome = "timed out" if decision is None else "rejected"
-                step.detail = "no approval" if decision is None else f"{decision.approver}: {decision.comment}"
-            else:
-                step.detail = f"{decision.policy}: {decision.approver}"
+        decision = approval_step(report, approval_policy, _preview(report, plan, target), approvers,
+                                 approval_timeout, approval_poll)
         if decision is None or not decision.approved:
             name = "ApprovalTimedOut" if decision is None else "Rejected"
             report.outcome = name

@@ -25,7 +25,7 @@ from pydantic import Field
 from blocks import PostgresCluster, RecoveryObjectives
 from blocks.errors import InvalidInput, PostgresError
 from blocks.kubernetes import KubernetesTarget
-from tasks.approval import ApprovalDecision, ApprovalPolicy, auto_approval, check_approval_settings, request_approval
+from tasks.approval import ApprovalDecision, ApprovalPolicy, approval_step, check_approval_settings
 from tasks.estate import load_block
 from tasks.evidence import RecoveryReport, publish_evidence, utcnow
 from tasks.kubernetes import read_replicas, restart_rollout, set_app_secret
@@ -131,29 +131,21 @@ def clear_journal(scope: str) -> None:
 def decide(report: RecoveryReport, approval_policy: str, approvers: list[str], timeout_seconds: int,
            poll_seconds: float, preview: str, lag_within_rpo: bool):
     """Record the approval; returns (outcome name or None when approved to go on, message)."""
-    with report.step("Approval") as step:
-        if approval_policy == "auto":
-            decision = auto_approval("drill run: approval policy 'auto'")
-            decision.details = {"accept_data_loss": False}
-            report.approvals.append(decision)
-        else:
-            decision, answers = request_approval(preview, approvers, timeout_seconds, poll_seconds,
-                                                 decision_model=FailoverDecision)
-            report.approvals.extend(answers)
-        if decision is None:
-            step.outcome, step.detail = "timed out", "no approval"
-            return "ApprovalTimedOut", "Failover was not approved in time; nothing was changed."
-        if not decision.approved:
-            step.outcome, step.detail = "rejected", f"{decision.approver}: {decision.comment}"
-            return "Rejected", f"Failover was rejected by {decision.approver}; nothing was changed."
-        accepted = bool(decision.details.get("accept_data_loss"))
-        if not lag_within_rpo and not accepted:
-            step.outcome = "blocked"
-            step.detail = f"approved by {decision.approver}, but the data loss above the RPO was not accepted"
-            return "LagAboveRpo", ("The replica lag is above the RPO (or unknown) and the approval did not accept "
-                                   "the stated data loss; nothing was promoted.")
-        step.detail = f"approved by {decision.approver}" + ("; data loss above the RPO accepted" if not lag_within_rpo else "")
-        return None, ""
+    decision = approval_step(report, approval_policy, preview, approvers, timeout_seconds, poll_seconds,
+                             decision_model=FailoverDecision)
+    if decision is None:
+        return "ApprovalTimedOut", "Failover was not approved in time; nothing was changed."
+    if not decision.approved:
+        return "Rejected", f"Failover was rejected by {decision.approver}; nothing was changed."
+    if not lag_within_rpo:
+        with report.step("Data loss above the RPO") as step:
+            if not decision.details.get("accept_data_loss"):
+                step.outcome = "blocked"
+                step.detail = f"approved by {decision.approver}, who did not accept the stated data loss"
+                return "LagAboveRpo", ("The replica lag is above the RPO (or unknown) and the approval did not "
+                                       "accept the stated data loss; nothing was promoted.")
+            step.detail = f"accepted by {decision.approver}"
+    return None, ""
 
 
 def finish_refused(report: RecoveryReport, name: str, message: str) -> State:

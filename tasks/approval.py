@@ -164,8 +164,12 @@ def approval_step(
     allowed_approvers: list[str],
     timeout_seconds: int,
     poll_interval_seconds: float = 5,
+    decision_model: type[ApprovalDecision] = ApprovalDecision,
 ) -> ApprovalRecord | None:
-    """The runbook's approval step, recorded in ``report``: the drill's 'auto' approval, or a named approver.
+    """The runbook's approval step, recorded in ``report``.
+
+    ``approval_policy`` is 'required' (a named approver answers the form ``decision_model``), 'auto'
+    (drills only) or 'none' (a reversible step: the operator who triggered the run decided).
 
     Returns:
         The decision (None when the deadline passed without an accepted answer).
@@ -174,9 +178,14 @@ def approval_step(
         if approval_policy == "auto":
             decision = auto_approval("drill run: approval policy 'auto'")
             report.approvals.append(decision)
+        elif approval_policy == "none":
+            decision = ApprovalRecord(approver="on-call operator (flow trigger)", approved=True,
+                                      comment="the step is reversible: approval policy 'none'", at=utcnow(),
+                                      policy="none (reversible)")
+            report.approvals.append(decision)
         else:
             decision, answers = request_approval(preview_markdown, allowed_approvers, timeout_seconds,
-                                                 poll_interval_seconds)
+                                                 poll_interval_seconds, decision_model=decision_model)
             report.approvals.extend(answers)
         if decision is None:
             step.outcome, step.detail = "timed out", "no approval"
