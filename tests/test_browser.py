@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import httpx
 import pytest
 
 from conftest import seed_before_after, sql
+from sandbox import pgcluster
 from sandbox.paths import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,14 +43,19 @@ def _wait(predicate, timeout: float, what: str, interval: float = 0.5):
 
 
 @pytest.fixture
-def ui_server():
-    """A Prefect server with its UI on a free port, with its own PREFECT_HOME; yields (ui_url, env)."""
+def ui_server(work_root):
+    """A Prefect server with its UI on a free port, its own PREFECT_HOME and its own PostgreSQL database;
+    yields (ui_url, env, processes, home)."""
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)")
     home = Path(tempfile.mkdtemp(prefix="dr-ui-", dir="/tmp"))
+    db_root = work_root / f"ui-{home.name}"
+    password, db_port = uuid.uuid4().hex, free_port()
+    pgcluster.build_single(db_root, db_port, password, durable=False)
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=api, PREFECT_UI_API_URL=api,
+               PREFECT_SERVER_DATABASE_CONNECTION_URL=f"postgresql+asyncpg://postgres:{password}@127.0.0.1:{db_port}/postgres",
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="1",
                PREFECT_WORKER_PREFETCH_SECONDS="1", PYTHONPATH=str(REPO), PREFECT_LOGGING_LEVEL="WARNING")
     log = open(home / "server.log", "wb")
@@ -65,7 +72,15 @@ def ui_server():
                     proc.wait(timeout=15)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+        pgcluster.stop_all(db_root)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def _log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"({path}: {exc})"
 
 
 def _healthy(api: str) -> bool:
@@ -141,6 +156,9 @@ def test_trigger_pause_approve_and_complete_from_the_ui(ui_server, pg, tmp_path)
                                     args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(30_000)
+        refused: list[str] = []  # API calls of the UI that failed, for the failure message
+        page.on("response", lambda r: r.status >= 400 and "/api/" in r.url
+                and refused.append(f"{r.status} {r.request.method} {r.url}"))
         try:
             page.goto(f"{ui}/deployments/deployment/{deployment['id']}")
             run_button = page.locator("button").filter(has_text=re.compile(r"^\s*Run\s*$"))
@@ -177,9 +195,11 @@ def test_trigger_pause_approve_and_complete_from_the_ui(ui_server, pg, tmp_path)
             expect(page.get_by_text("Recovered").first).to_be_visible()
             shot(page, "completed")
             phase("completed")
-        except Exception:
+        except Exception as exc:
             shot(page, "failure")
-            raise
+            raise AssertionError(f"{exc}\nAPI calls of the UI that failed: {refused or 'none'}\n"
+                                 f"server log:\n{_log_tail(home / 'server.log')}\n"
+                                 f"worker log:\n{_log_tail(home / 'worker.log')}") from exc
         finally:
             browser.close()
     print("screenshots:\n" + "\n".join(saved))
