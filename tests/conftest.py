@@ -148,12 +148,13 @@ def subprocess_env(api_url: str) -> dict:
     return dict(os.environ, PREFECT_API_URL=api_url, PYTHONPATH=str(TESTS.parent))
 
 
-def start_flow(api_url: str, run_name: str, params: dict) -> subprocess.Popen:
-    """Run the database-corruption flow in another process, named ``run_name``."""
+def start_flow(api_url: str, run_name: str, params: dict,
+               flow: str = "flows.db_corruption:db_corruption") -> subprocess.Popen:
+    """Run ``flow`` (module:function, by default the database-corruption flow) in another process."""
     import json
 
     return subprocess.Popen(
-        [sys.executable, str(TESTS / "flow_runner.py"), run_name, json.dumps(params, default=str)],
+        [sys.executable, str(TESTS / "flow_runner.py"), run_name, json.dumps(params, default=str), flow],
         env=subprocess_env(api_url), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 from prefect.flow_runs import resume_flow_run
 
-from conftest import wait_for_run
+from conftest import start_flow, wait_for_run
 from fixtures_kube import seed_deployment
 from sandbox import pgcluster
 from sandbox.paths import free_port
@@ -289,3 +289,52 @@ def test_bad_inputs_are_refused_before_any_change(regions: TwoRegions):
     state, report = run(regional_failover, **r.params())
     assert report.outcome == "Refused" and "deployment 'billing' does not exist" in report.summary
     r.untouched()
+
+
+
+def test_a_run_killed_after_the_dns_cutover_is_rerun_without_promoting_or_flipping_dns_again(regions: TwoRegions,
+                                                                                               prefect_api):
+    """SIGKILL the failover while its smoke tests run, after the promotion and the DNS cutover. A rerun is
+    refused while the dead run still holds the estate's lock; once the on-call marks that run Crashed, the
+    rerun reclaims the lock and finishes the failover without promoting or flipping DNS again."""
+    import os
+    import signal
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    from flows.regional_failover import regional_failover
+
+    r = regions
+    r.cluster.stop_at(r.P)  # the region is lost
+    r.health.set_healthy("primary", False)
+    run_name = f"killed-{uuid.uuid4().hex[:6]}"
+    # The smoke query holds the run after the cutover long enough to kill it there.
+    proc = start_flow(prefect_api, run_name, r.params(smoke_queries=["SELECT pg_sleep(30)"]),
+                      flow="flows.regional_failover:regional_failover")
+    try:
+        deadline = time.monotonic() + 180
+        while r.dns() != {"lb.dr.test"}:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the failover did not reach the DNS cutover in 180 s"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed = wait_for_run(run_name, lambda fr: fr.state is not None)
+    assert killed.state.is_running()  # a killed process cannot report its end
+    assert r.cluster.role(r.R) == "primary"
+
+    state, refused = run(regional_failover, **r.params(lock_wait_seconds=2))
+    assert state.is_failed() and str(killed.id) in state.message and "dr unlock" in state.message, state.message
+
+    with get_client(sync_client=True) as client:  # what the on-call does in the UI: mark the dead run Crashed
+        client.set_flow_run_state(killed.id, Crashed(message="worker host lost"), force=True)
+    state, again = run(regional_failover, **r.params())
+    assert state.name == "FailedOver", again.summary
+    assert again.promotion["already_promoted"] is True
+    assert again.facts["dns change"] == "none: already pointing at the DR region"
+    assert r.dns() == {"lb.dr.test"} and r.cluster.writers() == [r.R]
+    assert r.replicas(r.dr_kube) == TIERS
