@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from urllib.parse import quote
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -65,7 +66,8 @@ def _server_env(state: dict) -> dict:
     """The Prefect server's database: its own PostgreSQL, apart from the clusters the drills break."""
     if state.get("prefect_database") != "postgresql":
         return {}
-    url = f"postgresql+asyncpg://postgres:{state['password']}@127.0.0.1:{state['prefect_db_port']}/postgres"
+    password = quote(state["prefect_db_password"], safe="")
+    url = f"postgresql+asyncpg://postgres:{password}@127.0.0.1:{state['prefect_db_port']}/postgres"
     return {"PREFECT_SERVER_DATABASE_CONNECTION_URL": url}
 
 
@@ -184,7 +186,9 @@ def up(root: Path | None = None, deploy: bool = True) -> SandboxInfo:
         warnings.append(f"replica not running: {exc}")
     api = prefect_api_url(state)
     if state["prefect_database"] == "postgresql":
-        pgcluster.build_single(prefect_db, state["prefect_db_port"], state["password"])
+        if not pgcluster.is_running(prefect_db / "pg" / "data"):
+            _stop(root, "server")  # a server left running without its database reconnects to nothing
+        pgcluster.build_single(prefect_db, state["prefect_db_port"], state["prefect_db_password"])
     _spawn(root, state, "server", [_bin("prefect"), "server", "start", "--host", "127.0.0.1",
                                    "--port", str(state["prefect_port"])], _server_env(state))
     ep = services.start(root)

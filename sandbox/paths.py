@@ -60,9 +60,10 @@ def ensure_state(root: Path) -> dict:
         if key not in state:
             state[key] = free_port()
             changed = True
-    if "password" not in state:
-        state["password"] = secrets.token_urlsafe(18)
-        changed = True
+    for key in ("password", "prefect_db_password"):
+        if key not in state:
+            state[key] = secrets.token_urlsafe(18)
+            changed = True
     if changed:
         save_state(root, state)
     return state

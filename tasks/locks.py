@@ -101,9 +101,9 @@ def recovery_lock(target: str, wait_seconds: float, flow_run_id: UUID | None = N
                    if holder else "an unrecorded holder")
             raise RecoveryInProgress(
                 f"another recovery of {target!r} is running: {who} holds lock {name}; waited {wait_seconds:.0f} s. "
-                f"If that run's process is dead, its slot frees itself about {LEASE_SECONDS + 15} s after it died "
-                f"(a lock wait at least that long rides it out); to go on at once, mark the run Crashed or "
-                f"Cancelled, or release the lock with `dr unlock {target}`"
+                f"If that run's process is dead, a Prefect server that stayed up frees its slot about "
+                f"{LEASE_SECONDS + 15} s after it died; to go on at once (or after a server restart, which forgets "
+                f"leases), mark the run Crashed or Cancelled, or release the lock with `dr unlock {target}`"
             ) from exc
         if held is None:
             # Claim before releasing, and go on only if the claim stuck: of two runs reclaiming
