@@ -60,9 +60,12 @@ def prefect_server(database_url: str, startup_timeout: int):
         stack.enter_context(temporary_database_interface())
         stack.enter_context(temporary_settings(updates={PREFECT_SERVER_DATABASE_CONNECTION_URL: database_url}))
         server = SubprocessASGIServer(port=free_port())
+        prior = SubprocessASGIServer._instances.get(None)
         SubprocessASGIServer._instances[None] = server
-        server.start(timeout=startup_timeout)
+        stack.callback(lambda: SubprocessASGIServer._instances.update({None: prior}) if prior
+                       else SubprocessASGIServer._instances.pop(None, None))
         stack.callback(server.stop)
+        server.start(timeout=startup_timeout)
         stack.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
         stack.enter_context(prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()))
         yield

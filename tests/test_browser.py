@@ -55,12 +55,12 @@ def ui_server(work_root):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=api, PREFECT_UI_API_URL=api,
-               PREFECT_SERVER_DATABASE_CONNECTION_URL=f"postgresql+asyncpg://postgres:{password}@127.0.0.1:{db_port}/postgres",
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="1",
                PREFECT_WORKER_PREFETCH_SECONDS="1", PYTHONPATH=str(REPO), PREFECT_LOGGING_LEVEL="WARNING")
     log = open(home / "server.log", "wb")
+    database = f"postgresql+asyncpg://postgres:{password}@127.0.0.1:{db_port}/postgres"
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                              env=dict(env, PREFECT_SERVER_DATABASE_CONNECTION_URL=database), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     procs = [server]
     try:
         yield f"http://127.0.0.1:{port}", env, procs, home

@@ -324,14 +324,14 @@ def test_a_run_killed_after_the_dns_cutover_is_rerun_without_promoting_or_flippi
         if proc.poll() is None:
             proc.kill()
     killed = wait_for_run(run_name, lambda fr: fr.state is not None)
-    assert killed.state.is_running()  # a killed process cannot report its end
-    assert r.cluster.role(r.R) == "primary"
-
-    state, refused = run(regional_failover, **r.params(lock_wait_seconds=2))
-    assert state.is_failed() and str(killed.id) in state.message and "dr unlock" in state.message, state.message
-
-    with get_client(sync_client=True) as client:  # what the on-call does in the UI: mark the dead run Crashed
-        client.set_flow_run_state(killed.id, Crashed(message="worker host lost"), force=True)
+    try:
+        assert killed.state.is_running()  # a killed process cannot report its end
+        assert r.cluster.role(r.R) == "primary"
+        state, refused = run(regional_failover, **r.params(lock_wait_seconds=2))
+        assert state.is_failed() and str(killed.id) in state.message and "dr unlock" in state.message, state.message
+    finally:
+        with get_client(sync_client=True) as client:  # what the on-call does in the UI: mark the dead run Crashed
+            client.set_flow_run_state(killed.id, Crashed(message="worker host lost"), force=True)
     state, again = run(regional_failover, **r.params())
     assert state.name == "FailedOver", again.summary
     assert again.promotion["already_promoted"] is True
