@@ -68,8 +68,9 @@ def test_up_twice_is_harmless_and_down_leaves_no_process(state_dir):
     assert first.returncode == 0, first.stdout + first.stderr
     assert "Prefect UI      : http://127.0.0.1:" in first.stdout
     assert "primary DSN     : postgresql://postgres@127.0.0.1:" in first.stdout
-    password = json.loads((root / "sandbox.json").read_text())["password"]
-    assert password not in first.stdout + first.stderr
+    saved = json.loads((root / "sandbox.json").read_text())
+    for password in (saved["password"], saved["prefect_db_password"]):
+        assert password not in first.stdout + first.stderr
     server_pid = (root / "run" / "server.pid").read_text()
     worker_pid = (root / "run" / "worker.pid").read_text()
     primary_pid = (root / "pg" / "primary" / "postmaster.pid").read_text().splitlines()[0]
@@ -112,9 +113,9 @@ def test_up_twice_is_harmless_and_down_leaves_no_process(state_dir):
     import psycopg
 
     state = json.loads((root / "sandbox.json").read_text())
-    assert state["prefect_database"] == "postgresql"
+    assert state["prefect_database"] == "postgresql" and state["prefect_db_password"] != state["password"]
     with psycopg.connect(host="127.0.0.1", port=state["prefect_db_port"], user="postgres",
-                         password=state["password"], dbname="postgres", connect_timeout=10) as conn:
+                         password=state["prefect_db_password"], dbname="postgres", connect_timeout=10) as conn:
         flows = {row[0] for row in conn.execute("SELECT f.name FROM flow_run r JOIN flow f ON f.id = r.flow_id "
                                                 "WHERE r.state_type = 'COMPLETED'")}
     assert {"dr-drill", "database-corruption-recovery", "regional-failover", "database-server-failover"} <= flows, flows
