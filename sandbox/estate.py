@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from urllib.parse import quote
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -66,8 +65,7 @@ def _server_env(state: dict) -> dict:
     """The Prefect server's database: its own PostgreSQL, apart from the clusters the drills break."""
     if state.get("prefect_database") != "postgresql":
         return {}
-    password = quote(state["prefect_db_password"], safe="")
-    url = f"postgresql+asyncpg://postgres:{password}@127.0.0.1:{state['prefect_db_port']}/postgres"
+    url = pgcluster.sqlalchemy_url(state["prefect_db_port"], state["prefect_db_password"])
     return {"PREFECT_SERVER_DATABASE_CONNECTION_URL": url}
 
 
@@ -219,9 +217,9 @@ def info(root: Path | None = None) -> SandboxInfo:
 
 def is_up(root: Path | None = None) -> bool:
     root = root or state_dir()
-    if not load_state(root):
-        return False
     state = load_state(root)
+    if not state:
+        return False
     if state.get("prefect_database") == "postgresql" and not pgcluster.is_running(prefect_db_root(root) / "pg" / "data"):
         return False
     return (pgcluster.is_running(root / "pg" / "primary") and _alive(root / "run" / "server.pid") is not None

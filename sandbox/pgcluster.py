@@ -13,6 +13,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 PG_BIN = Path(os.environ.get("DR_PG_BIN", "/usr/lib/postgresql/15/bin"))
 OS_USER = "postgres"
@@ -180,6 +181,27 @@ def _hba() -> str:
     )
 
 
+def _initdb(data_dir: Path, password: str, *options: str) -> None:
+    """A new, empty data directory whose superuser ``postgres`` logs in over TCP with ``password``."""
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    pwfile = data_dir.parent / ".initpw"
+    fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(password + "\n")
+    _own(pwfile)
+    try:
+        _run([str(PG_BIN / "initdb"), "-D", str(data_dir), *options, "-U", "postgres", f"--pwfile={pwfile}",
+              "--auth-local=peer", "--auth-host=scram-sha-256", "-N", "-E", "UTF8", "--locale=C.UTF-8"], timeout=120)
+    finally:
+        pwfile.unlink(missing_ok=True)
+
+
+def sqlalchemy_url(port: int, password: str, dbname: str = "postgres") -> str:
+    """The asyncpg URL an application such as the Prefect server connects with, password quoted."""
+    return f"postgresql+asyncpg://postgres:{quote(password, safe='')}@127.0.0.1:{port}/{dbname}"
+
+
 def build(layout: ClusterLayout, with_replica: bool = True) -> None:
     """Create (first time) or start (afterwards) the primary, the stanza and the replica. Idempotent."""
     if not (PG_BIN / "initdb").exists():
@@ -198,19 +220,7 @@ def build(layout: ClusterLayout, with_replica: bool = True) -> None:
 
     fresh = not (layout.primary_dir / "PG_VERSION").exists()
     if fresh:
-        if layout.primary_dir.exists():
-            shutil.rmtree(layout.primary_dir)
-        pwfile = layout.root / "pg" / ".initpw"
-        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(layout.password + "\n")
-        _own(pwfile)
-        try:
-            _run([str(PG_BIN / "initdb"), "-D", str(layout.primary_dir), "--data-checksums", "-U", "postgres",
-                  f"--pwfile={pwfile}", "--auth-local=peer", "--auth-host=scram-sha-256", "-N", "-E", "UTF8",
-                  "--locale=C.UTF-8"], timeout=120)
-        finally:
-            pwfile.unlink(missing_ok=True)
+        _initdb(layout.primary_dir, layout.password, "--data-checksums")
         with open(layout.primary_dir / "postgresql.conf", "a") as fh:
             fh.write(_primary_settings(layout))
         (layout.primary_dir / "pg_hba.conf").write_text(_hba())
@@ -239,19 +249,7 @@ def build_single(root: Path, port: int, password: str, *, durable: bool = True) 
     for path in (root, root / "pg", sockets):
         _mkdir(path, 0o755)
     if not (data_dir / "PG_VERSION").exists():
-        if data_dir.exists():
-            shutil.rmtree(data_dir)
-        pwfile = root / "pg" / ".initpw"
-        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(password + "\n")
-        _own(pwfile)
-        try:
-            _run([str(PG_BIN / "initdb"), "-D", str(data_dir), "-U", "postgres", f"--pwfile={pwfile}",
-                  "--auth-local=peer", "--auth-host=scram-sha-256", "-N", "-E", "UTF8", "--locale=C.UTF-8"],
-                 timeout=120)
-        finally:
-            pwfile.unlink(missing_ok=True)
+        _initdb(data_dir, password)
         with open(data_dir / "postgresql.conf", "a") as fh:
             fh.write("\n# dr sandbox\ninclude_if_exists = 'dr.conf'\n")
         (data_dir / "pg_hba.conf").write_text(_hba())

@@ -42,8 +42,7 @@ def prefect_api(work_root) -> str:
     password = uuid.uuid4().hex
     port = free_port()
     pgcluster.build_single(work_root / "prefect-server", port, password, durable=False)
-    url = f"postgresql+asyncpg://postgres:{password}@127.0.0.1:{port}/postgres"
-    with prefect_server(url, startup_timeout=90):
+    with prefect_server(pgcluster.sqlalchemy_url(port, password), startup_timeout=90):
         yield PREFECT_API_URL.value()
 
 

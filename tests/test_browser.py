@@ -58,9 +58,10 @@ def ui_server(work_root):
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="1",
                PREFECT_WORKER_PREFETCH_SECONDS="1", PYTHONPATH=str(REPO), PREFECT_LOGGING_LEVEL="WARNING")
     log = open(home / "server.log", "wb")
-    database = f"postgresql+asyncpg://postgres:{password}@127.0.0.1:{db_port}/postgres"
+    database = pgcluster.sqlalchemy_url(db_port, password)
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=dict(env, PREFECT_SERVER_DATABASE_CONNECTION_URL=database), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                              env=dict(env, PREFECT_SERVER_DATABASE_CONNECTION_URL=database), stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
     procs = [server]
     try:
         yield f"http://127.0.0.1:{port}", env, procs, home

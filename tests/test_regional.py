@@ -291,7 +291,6 @@ def test_bad_inputs_are_refused_before_any_change(regions: TwoRegions):
     r.untouched()
 
 
-
 def test_a_run_killed_after_the_dns_cutover_is_rerun_without_promoting_or_flipping_dns_again(regions: TwoRegions,
                                                                                                prefect_api):
     """SIGKILL the failover while its smoke tests run, after the promotion and the DNS cutover. A rerun is
