@@ -230,6 +230,8 @@ def test_objects_damaged_while_awaiting_approval_are_never_promoted(registry, ku
     import time
 
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
     from prefect.flow_runs import resume_flow_run
 
     reg, block = registry, registry["block"]
@@ -244,8 +246,9 @@ def test_objects_damaged_while_awaiting_approval_are_never_promoted(registry, ku
         deadline = time.monotonic() + 240
         with get_client(sync_client=True) as client:
             while time.monotonic() < deadline:
-                runs = [r for r in client.read_flow_runs(limit=50)
-                        if r.parameters.get("model") == reg["model"] and r.state and r.state.is_paused()]
+                paused = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
+                runs = [r for r in client.read_flow_runs(flow_run_filter=paused)
+                        if r.parameters.get("model") == reg["model"]]
                 if runs:
                     seen["jobs"] = kube.list_jobs()
                     corrupt(reg, golden_key)
