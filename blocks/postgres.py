@@ -271,7 +271,9 @@ class PostgresCluster(ReplicationVerbs, RoleVerbs, Block):
         Returns:
             How many sessions were ended. Idempotent.
         """
-        with self.connect() as conn:
+        # The probe that waits for the setting stays open until the count, so that its session is
+        # neither ended nor counted (a session closed a moment ago can still be listed).
+        with self.connect() as conn, self.connect() as probe:
             conn.execute("SET default_transaction_read_only = off")
             for name, limit, fenced in conn.execute(
                 "SELECT d.datname, d.datconnlimit, s.setconfig IS NOT NULL FROM pg_database d "
@@ -284,10 +286,12 @@ class PostgresCluster(ReplicationVerbs, RoleVerbs, Block):
                 conn.execute(sql.SQL("ALTER DATABASE {} CONNECTION LIMIT 0").format(sql.Identifier(name)))
             conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
             conn.execute("SELECT pg_reload_conf()")
-            wait_until(self.is_fenced, timeout=10, what="default_transaction_read_only to take effect")
+            wait_until(lambda: probe.execute("SHOW default_transaction_read_only").fetchone()[0] == "on",
+                       timeout=10, what="default_transaction_read_only to take effect")
             row = conn.execute(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+                "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND pid <> %s",
+                (probe.info.backend_pid,),
             ).fetchone()
         return int(row[0])
 
