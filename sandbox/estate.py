@@ -2,8 +2,8 @@
 :mod:`sandbox.services` (AWS APIs, Redis, Kubernetes API, health endpoints, embedded Qdrant), a
 Prefect server with UI, the project's blocks registered and saved, deployments and a process worker.
 
-Call :func:`sandbox.paths.use_sandbox_api` before importing this module (Prefect reads its
-settings once, at import).
+Point the process at the sandbox's server (:func:`sandbox.paths.reserve_sandbox_api`) before importing
+this module: Prefect reads its settings once, at import.
 """
 
 from __future__ import annotations

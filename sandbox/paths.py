@@ -6,7 +6,10 @@ import json
 import os
 import secrets
 import socket
+import tomllib
 from pathlib import Path
+
+import httpx
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,14 +76,92 @@ def prefect_api_url(state: dict) -> str:
     return f"http://127.0.0.1:{state['prefect_port']}/api"
 
 
-def use_sandbox_api() -> None:
-    """Point this process at the sandbox's Prefect server unless PREFECT_API_URL is already set.
+def pid_alive(pid_file: Path) -> bool:
+    """Whether the process whose id ``pid_file`` holds is running."""
+    try:
+        os.kill(int(pid_file.read_text().strip()), 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return False
+    return True
 
-    Must run before Prefect is imported: Prefect reads its settings once, at import.
+
+def point_at_sandbox(root: Path, state: dict) -> str:
+    """Point this process, and every process it starts, at the sandbox's Prefect server; return its API URL.
+
+    Must run before Prefect is imported: Prefect reads its settings once, at import, and a process
+    without an API URL silently starts a temporary server of its own.
     """
-    root = state_dir()
-    state = load_state(root)
-    if "prefect_port" in state and "PREFECT_API_URL" not in os.environ:
-        os.environ["PREFECT_API_URL"] = prefect_api_url(state)
-    os.environ.setdefault("PREFECT_HOME", str(root / "prefect"))
+    api = prefect_api_url(state)
+    os.environ["PREFECT_API_URL"] = api
+    os.environ["PREFECT_HOME"] = str(root / "prefect")
+    for name in ("PREFECT_PROFILE", "PREFECT_PROFILES_PATH", "PREFECT_API_KEY"):  # the user's, not the sandbox's
+        os.environ.pop(name, None)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    return api
+
+
+def reserve_sandbox_api(root: Path) -> str:
+    """Choose the sandbox's ports (once, kept in the state file) and point this process at its Prefect server.
+
+    For the commands that start the sandbox (``dr up``, ``dr drill``): on a fresh state directory
+    the server does not exist yet, but its address is fixed here, before anything imports Prefect.
+    A port taken by another program since the last run is replaced now, as ``estate.up`` would.
+    """
+    state = ensure_state(root)
+    if not pid_alive(root / "run" / "server.pid") and not port_is_free(state["prefect_port"]):
+        state["prefect_port"] = free_port()
+        save_state(root, state)
+    return point_at_sandbox(root, state)
+
+
+def _profiles_path() -> Path:
+    if os.environ.get("PREFECT_PROFILES_PATH"):
+        return Path(os.environ["PREFECT_PROFILES_PATH"])
+    home = os.environ.get("PREFECT_HOME") or str(Path.home() / ".prefect")
+    return Path(home) / "profiles.toml"
+
+
+def configured_prefect_api() -> tuple[str, str] | None:
+    """The Prefect API the user configured, and where it was found; None when nothing is configured.
+
+    ``PREFECT_API_URL`` in the environment first, then ``PREFECT_API_URL`` of the active profile
+    (``PREFECT_PROFILE``, else the ``active`` profile of ``$PREFECT_HOME/profiles.toml``), as Prefect
+    itself resolves them; a Prefect Cloud login is such a profile. Reads files only: Prefect is not imported.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"], "PREFECT_API_URL"
+    path = _profiles_path()
+    try:
+        profiles = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    name = os.environ.get("PREFECT_PROFILE") or profiles.get("active")
+    profile = profiles.get("profiles", {}).get(name) if isinstance(name, str) else None
+    url = profile.get("PREFECT_API_URL") if isinstance(profile, dict) else None
+    return (url, f"profile {name!r} of {path}") if isinstance(url, str) and url else None
+
+
+def sandbox_server_answers(state: dict, timeout: float = 3) -> bool:
+    """Whether the sandbox's Prefect server answers its health check."""
+    if "prefect_port" not in state:
+        return False
+    try:
+        return httpx.get(f"{prefect_api_url(state)}/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def use_operator_api(root: Path) -> tuple[str, str] | None:
+    """Choose the Prefect server of an operator command (report, approve, kpis, unlock, unfence).
+
+    The user's configured Prefect (:func:`configured_prefect_api`) when there is one, untouched;
+    else the sandbox's server when it answers; else None (the caller refuses: never a temporary server).
+    Must run before Prefect is imported.
+    """
+    configured = configured_prefect_api()
+    if configured:
+        return configured
+    state = load_state(root)
+    if sandbox_server_answers(state):
+        return point_at_sandbox(root, state), f"the sandbox in {root}"
+    return None

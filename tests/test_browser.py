@@ -208,3 +208,88 @@ def test_trigger_pause_approve_and_complete_from_the_ui(ui_server, pg, tmp_path)
     assert sql(pg, "SELECT count(*) FROM ledger WHERE note = 'after'") == "0"
     assert sql(pg, "SELECT count(*) FROM ledger WHERE note = 'before'") == "300"
     assert all(Path(s).stat().st_size > 0 for s in saved)
+
+
+def test_a_failover_is_approved_through_the_ui_form_with_its_data_loss_answer(ui_server, work_root, tmp_path):
+    """The failover form has one more required field than the others (accept_data_loss): the UI renders
+    it from the paused run's schema, and the answer given there reaches the flow."""
+    from playwright.sync_api import expect, sync_playwright
+
+    ui, env, procs, home = ui_server
+    api = env["PREFECT_API_URL"]
+    layout = pgcluster.ClusterLayout(work_root / f"ui-fo-{uuid.uuid4().hex[:6]}", free_port(), free_port(), "ui:f41l")
+    pgcluster.build(layout, with_replica=True)
+    P, R = layout.primary_port, layout.replica_port
+    _wait(lambda: _healthy(api), 90, "the Prefect server")
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from blocks import Objective, PostgresCluster, PostgresInstance, RecoveryObjectives
+
+    cluster = PostgresCluster(
+        primary=PostgresInstance(port=P, data_directory=str(layout.primary_dir)),
+        replicas=[PostgresInstance(port=R, data_directory=str(layout.replica_dir))],
+        password=layout.password, socket_directory=str(layout.socket_dir),
+        pgbackrest_config=str(layout.pgbackrest_conf), recovery_directory=str(layout.recovery_dir), environment="sandbox")
+    with temporary_settings(updates={PREFECT_API_URL: api}):  # the UI server, not the test harness
+        cluster.save("ui-failover", overwrite=True)
+        RecoveryObjectives(functions={"database": Objective(rto_seconds=900, rpo_seconds=1)}).save("tight", overwrite=True)
+    # The replica lags beyond the 1 s RPO: only an approval that accepts the data loss promotes it.
+    pgcluster.psql(layout, P, "CREATE TABLE ledger (id serial PRIMARY KEY, note text NOT NULL)")
+    cluster.query_one("SELECT pg_wal_replay_pause()", port=R)
+    pgcluster.psql(layout, P, "INSERT INTO ledger (note) VALUES ('lagging')")
+    time.sleep(1.5)
+    run_name = f"ui-failover-{uuid.uuid4().hex[:6]}"
+    params = {"cluster_block": "ui-failover", "objectives_block": "tight", "allowed_approvers": ["oncall-dba"],
+              "approval_timeout_seconds": 300, "approval_poll_seconds": 1, "lock_wait_seconds": 5}
+    flow_log = open(home / "flow.log", "wb")
+    procs.append(subprocess.Popen([sys.executable, str(REPO / "tests" / "flow_runner.py"), run_name, json.dumps(params),
+                                   "flows.db_failover:db_failover"], env=env, cwd=REPO, stdout=flow_log,
+                                  stderr=subprocess.STDOUT))
+
+    def run_state() -> dict | None:
+        runs = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"name": {"any_": [run_name]}}}, timeout=10).json()
+        return runs[0] if runs else None
+
+    try:
+        run = _wait(lambda: (lambda r: r if r and r.get("state_type") == "PAUSED" else None)(run_state()), 180,
+                    "the failover to pause for approval")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nflow log:\n{_log_tail(home / 'flow.log')}") from exc
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(30_000)
+        try:
+            page.goto(f"{ui}/runs/flow-run/{run['id']}")
+            page.get_by_role("button", name="Resume").click()
+            expect(page.get_by_text("accept_data_loss").first).to_be_visible()
+            switches = page.get_by_role("switch")
+            expect(switches).to_have_count(2)  # approve and accept_data_loss
+            switches.nth(0).click()
+            switches.nth(1).click()
+            boxes = page.locator("textarea")
+            boxes.nth(0).fill("oncall-dba")
+            boxes.nth(1).fill("replica 2 s behind; accepting the stated loss")
+            page.screenshot(path=str(shots / "failover-form.png"), full_page=True)
+            page.get_by_role("button", name="Submit").click()
+            final = _wait(lambda: (lambda r: r if r and r.get("state_type") in ("COMPLETED", "FAILED", "CRASHED",
+                                                                                 "CANCELLED") else None)(run_state()),
+                          180, "the failover to finish")
+        except Exception as exc:
+            page.screenshot(path=str(shots / "failure.png"), full_page=True)
+            raise AssertionError(f"{exc}\nserver log:\n{_log_tail(home / 'server.log')}\n"
+                                 f"flow log:\n{_log_tail(home / 'flow.log')}") from exc
+        finally:
+            browser.close()
+    try:
+        assert final["state_name"] == "FailedOver", (final["state_name"], final["state"].get("message"))
+        answer = httpx.get(f"{api}/flow_runs/{run['id']}/input/paused-approval-1-response", timeout=10).json()
+        assert answer == {"approve": True, "approver": "oncall-dba", "accept_data_loss": True,
+                                               "comment": "replica 2 s behind; accepting the stated loss"}
+        assert cluster.writers() == [R]
+    finally:
+        pgcluster.stop_all(layout.root)
