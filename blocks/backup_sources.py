@@ -375,10 +375,10 @@ def compare_with_source(cluster, port: int, tables: list[str], queries: list) ->
         checks.append(BackupCheck(scratch, f"row count: {table}", restored == source_count,
                                   f"restored {restored}, source {source_count}"))
     for query in queries:
-        source_value = cluster.query_one(query.sql, dbname=query.database)
+        source_value = cluster.read_only_value(query.sql, dbname=query.database)
         result = cluster.run_sentinel(query, port)
         try:
-            restored_value = cluster.query_one(query.sql, port=port, dbname=query.database)
+            restored_value = cluster.read_only_value(query.sql, port=port, dbname=query.database)
         except RecoveryError as exc:
             checks.append(BackupCheck(scratch, result.name, False, str(exc)))
             continue

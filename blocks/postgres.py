@@ -7,8 +7,7 @@ import os
 import re
 import shutil
 import socket
-import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Iterator, Literal
@@ -20,7 +19,7 @@ from pydantic import BaseModel, Field, SecretStr
 
 from blocks._pg_replication import ReplicationVerbs
 from blocks._pg_roles import RoleVerbs
-from blocks._process import chown_to, run_as, wait_until
+from blocks._process import chown_to, owned_file_name, private_directory, remove_orphans, run_as, wait_until
 from blocks.errors import (
     CommandFailed,
     InvalidInput,
@@ -48,6 +47,30 @@ def classify(exc: psycopg.Error, context: str) -> PostgresError:
     if state and state.startswith(TRANSIENT_SQLSTATES):
         return PostgresUnavailable(message)
     return PostgresError(message)
+
+
+QUERY_NAME = "dr_check_query"
+
+
+def _primary_message(exc: psycopg.Error) -> str:
+    """The server's one-line message of ``exc`` (without the statement or its context)."""
+    message = getattr(exc.diag, "message_primary", None) if exc.diag else None
+    return message or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _plan_nodes(plan) -> set[str]:
+    """Node types anywhere in an ``EXPLAIN (FORMAT JSON)`` plan."""
+    found: set[str] = set()
+    stack = [plan]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            if "Node Type" in item:
+                found.add(item["Node Type"])
+            stack.extend(v for v in item.values() if isinstance(v, (list, dict)))
+    return found
 
 
 def free_local_port() -> int:
@@ -82,7 +105,11 @@ class VerificationQuery(BaseModel):
     """A sentinel query run against a restored instance; its single value is compared to ``expected``."""
 
     name: str = Field(description="Short name shown in the evidence.")
-    sql: str = Field(description="A query returning one row with one column.")
+    sql: str = Field(
+        description="ONE read-only statement returning one row with one column ('%' is an ordinary character). "
+        "It runs in a READ ONLY transaction as the cluster's query_role, bounded by its query_timeout_seconds, "
+        "and is parsed and planned on the primary before any change."
+    )
     expected: str | None = Field(
         default=None, description="The value, as text, the query must return; empty to only record it."
     )
@@ -165,6 +192,21 @@ class PostgresCluster(ReplicationVerbs, RoleVerbs, Block):
     connect_timeout_seconds: int = Field(default=5, ge=1, description="Connect timeout for every session.")
     statement_timeout_seconds: int = Field(default=300, ge=1, description="Statement timeout for every session.")
     start_timeout_seconds: int = Field(default=600, ge=5, description="Upper bound for start, recovery and stop.")
+    query_timeout_seconds: int = Field(
+        default=60, ge=1, le=86400,
+        description="Statement timeout of each sentinel, verification, row-count and smoke query.",
+    )
+    query_role: str | None = Field(
+        default="pg_read_all_data",
+        description="Role those queries run as (SET ROLE inside their read-only transaction); the default may read "
+        "every table and nothing else. Empty: run them as `user`, the superuser.",
+    )
+    application_roles: list[str] = Field(
+        default_factory=list,
+        description="Roles applications connect as. After a recovery each must be able to log in to `database` and "
+        "write, or the run does not end Recovered. Empty: every non-superuser LOGIN role that owns or may write a "
+        "table of `database`.",
+    )
 
     # ------------------------------------------------------------------ plumbing
 
@@ -227,18 +269,24 @@ class PostgresCluster(ReplicationVerbs, RoleVerbs, Block):
 
     @contextmanager
     def _pgpass(self) -> Iterator[dict[str, str]]:
-        """Environment pointing libpq tools at a private pgpass file, removed afterwards."""
-        folder = tempfile.mkdtemp(prefix="dr-pgpass-")
-        path = os.path.join(folder, "pgpass")
+        """Environment pointing libpq tools at a pgpass file, removed afterwards.
+
+        The file lives in one private directory of the OS user (mode 0700); files left there by
+        a process that was killed are removed first, so a password outlives its process by at
+        most one run.
+        """
+        folder = private_directory(f"dr-pipelines-secrets-{self.os_user}", self.os_user)
+        remove_orphans(folder)
+        path = os.path.join(folder, owned_file_name("pgpass"))
         secret = self.password.get_secret_value().replace("\\", "\\\\").replace(":", "\\:")
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:
             fh.write(f"*:*:*:{self.user}:{secret}\n")
-        chown_to(folder, self.os_user)
         chown_to(path, self.os_user)
         try:
             yield {"PGPASSFILE": path, "PGCONNECT_TIMEOUT": str(self.connect_timeout_seconds)}
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            with suppress(FileNotFoundError):
+                os.unlink(path)
 
     def _pg_ctl(self, *args: str, timeout: float | None = None, check: bool = True):
         return run_as([self._bin("pg_ctl"), *args], user=self.os_user, timeout=timeout or self.start_timeout_seconds, check=check)
@@ -513,29 +561,269 @@ class PostgresCluster(ReplicationVerbs, RoleVerbs, Block):
         problems = [line.strip() for line in output.splitlines() if line.strip()][:6]
         return CheckResult("pg_amcheck", False, f"{inst.address}: " + " | ".join(problems))
 
-    def row_count(self, table: str, port: int | None = None) -> int:
-        """Exact row count of ``table`` (schema-qualified names allowed)."""
-        with self.connect(port) as conn:
+    # ------------------------------------------------------------------ read-only queries
+
+    @contextmanager
+    def _read_only(self, port: int | None = None, dbname: str | None = None) -> Iterator[psycopg.Connection]:
+        """A session inside a READ ONLY transaction that is always rolled back, with the query timeout and role."""
+        with self.connect(port, dbname) as conn:
             try:
-                ident = sql.Identifier(*table.split("."))
-                row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ident)).fetchone()
-            except psycopg.errors.UndefinedTable as exc:
-                raise InvalidInput(f"table {table!r} does not exist on {self._instance(port).address}") from exc
+                conn.execute("BEGIN TRANSACTION READ ONLY")
+                conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(
+                    sql.Literal(self.query_timeout_seconds * 1000)))
+                if self.query_role:
+                    conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(self.query_role)))
             except psycopg.Error as exc:
-                raise PostgresError(f"counting {table!r} failed: {exc}") from exc
-        return int(row[0])
+                raise classify(exc, f"read-only session on {self._instance(port).address}") from exc
+            try:
+                yield conn
+            finally:
+                if not conn.closed and conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    with suppress(psycopg.OperationalError):
+                        conn.execute("ROLLBACK")
+
+    @staticmethod
+    def _prepare_one(conn: psycopg.Connection, statement: str) -> tuple[int, int]:
+        """Parse ``statement`` on the server as one prepared statement; returns its parameter and column counts.
+
+        The server's extended protocol refuses a text holding more than one statement, so nothing
+        after a ``;`` is ever run, and ``%`` is an ordinary character (no client-side placeholders).
+        """
+        encoding = conn.info.encoding
+        pgconn = conn.pgconn
+        for result in (lambda: pgconn.prepare(QUERY_NAME.encode(), statement.encode(encoding)),
+                       lambda: pgconn.describe_prepared(QUERY_NAME.encode())):
+            res = result()
+            if res.status != psycopg.pq.ExecStatus.COMMAND_OK:
+                raise psycopg.errors.error_from_result(res, encoding=encoding)
+        return res.nparams, res.nfields
+
+    @staticmethod
+    def _shape_refusal(statement: str, nparams: int, nfields: int) -> str | None:
+        if not statement.strip():
+            return "it is empty"
+        if nparams:
+            return f"it takes {nparams} parameter(s); give a query with its values written out"
+        if nfields != 1:
+            return f"it returns {nfields} columns; a check query returns exactly one column"
+        return None
+
+    def read_only_value(self, statement: str, port: int | None = None, dbname: str | None = None):
+        """The single value of a check query, run as ONE statement in a READ ONLY transaction, then rolled back.
+
+        The transaction is bounded by ``query_timeout_seconds`` and runs as ``query_role``; a
+        second statement, a write, or a query returning other than one column is refused.
+
+        Raises:
+            PostgresError: the query was refused or failed; InvalidInput for a table that does not exist.
+        """
+        address = self._instance(port).address
+        with self._read_only(port, dbname) as conn:
+            try:
+                why = self._shape_refusal(statement, *self._prepare_one(conn, statement))
+                if why:
+                    raise PostgresError(f"query refused on {address}: {why}")
+                cur = conn.execute(sql.SQL("EXECUTE {}").format(sql.Identifier(QUERY_NAME)))
+                row = cur.fetchone()
+            except psycopg.errors.UndefinedTable as exc:
+                raise InvalidInput(f"{_primary_message(exc)} on {address}") from exc
+            except psycopg.errors.QueryCanceled as exc:
+                raise PostgresError(f"query on {address} stopped at the statement timeout of "
+                                    f"{self.query_timeout_seconds} s: {_primary_message(exc)}") from exc
+            except psycopg.Error as exc:
+                raise classify(exc, f"query failed on {address}") from exc
+        return None if row is None else row[0]
+
+    def query_refusal(self, statement: str, port: int | None = None, dbname: str | None = None) -> str | None:
+        """Why ``statement`` cannot be a check query on the instance (None when it can): parsed and planned, never run.
+
+        The server parses it as one prepared statement and plans it inside a read-only transaction
+        that is rolled back; a second statement, an unknown table, column or function, missing
+        privileges of ``query_role``, parameters, other than one column, or a plan that writes or
+        locks rows is a reason.
+        """
+        with self._read_only(port, dbname) as conn:
+            try:
+                why = self._shape_refusal(statement, *self._prepare_one(conn, statement))
+                if why:
+                    return why
+                plan = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) EXECUTE {}").format(
+                    sql.Identifier(QUERY_NAME))).fetchone()[0]
+            except psycopg.Error as exc:
+                if classify(exc, "").transient:
+                    raise classify(exc, f"checking a query on {self._instance(port).address}") from exc
+                text = _primary_message(exc)
+                if "multiple commands" in text:
+                    return "it is more than one statement; give exactly one"
+                return f"the server refused it: {text}"
+        writes = sorted(_plan_nodes(plan) & {"ModifyTable", "LockRows"})
+        if writes:
+            return f"it writes or locks rows ({', '.join(writes)}); check queries are read-only"
+        return None
+
+    @staticmethod
+    def _table_statement(table: str) -> str:
+        parts = (table or "").split(".")
+        if not 1 <= len(parts) <= 3 or not all(parts):
+            raise InvalidInput(f"table {table!r} is not a table name (table, schema.table or database.schema.table)")
+        return sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(*parts)).as_string()
+
+    def table_refusal(self, table: str, port: int | None = None) -> str | None:
+        """Why the rows of ``table`` cannot be counted on the instance (None when they can)."""
+        try:
+            statement = self._table_statement(table)
+        except InvalidInput as exc:
+            return str(exc)
+        return self.query_refusal(statement, port)
+
+    def database_exists(self, name: str, port: int | None = None) -> bool:
+        """True when ``name`` is a database on the instance that accepts connections."""
+        return bool(self.query_one("SELECT count(*) FROM pg_database WHERE datname = %s AND datallowconn "
+                                   "AND NOT datistemplate", (name,), port=port))
+
+    def row_count(self, table: str, port: int | None = None) -> int:
+        """Exact row count of ``table`` (schema-qualified names allowed), read in a read-only transaction."""
+        try:
+            return int(self.read_only_value(self._table_statement(table), port))
+        except InvalidInput as exc:
+            raise InvalidInput(f"table {table!r}: {exc}") from exc
+        except PostgresUnavailable:
+            raise
+        except PostgresError as exc:
+            raise PostgresError(f"counting {table!r} failed: {exc}") from exc
 
     def run_sentinel(self, query: VerificationQuery, port: int | None = None) -> CheckResult:
-        """Run one sentinel query; passes when it returns ``expected`` (or anything, with no expectation)."""
+        """Run one sentinel query (one statement, read-only, bounded); passes when it returns ``expected``."""
         try:
-            value = self.query_one(query.sql, port=port, dbname=query.database)
-        except PostgresError as exc:
+            value = self.read_only_value(query.sql, port=port, dbname=query.database)
+        except (PostgresError, InvalidInput) as exc:
             return CheckResult(f"sentinel: {query.name}", False, str(exc))
         text = "NULL" if value is None else str(value)
         if query.expected is None:
             return CheckResult(f"sentinel: {query.name}", True, f"returned {text}", critical=False)
         passed = text == query.expected
         return CheckResult(f"sentinel: {query.name}", passed, f"returned {text}, expected {query.expected}")
+
+    # ------------------------------------------------------------------ application access
+
+    def application_role_names(self, port: int | None = None) -> list[str]:
+        """``application_roles``, or the non-superuser LOGIN roles that own or may write a table of ``database``."""
+        if self.application_roles:
+            return list(self.application_roles)
+        with self.connect(port) as conn:
+            rows = conn.execute(
+                "SELECT r.rolname FROM pg_roles r WHERE r.rolcanlogin AND NOT r.rolsuper AND r.rolname <> current_user "
+                "AND r.rolname !~ '^pg_' AND EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+                "AND n.nspname !~ '^pg_toast' AND (c.relowner = r.oid "
+                "OR has_table_privilege(r.oid, c.oid, 'INSERT, UPDATE, DELETE'))) ORDER BY 1"
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def application_access(self, port: int | None = None) -> list[CheckResult]:
+        """Can applications use the instance again? Databases open to connections, and per application role:
+        it may log in (LOGIN, connection limits, CONNECT privilege, password not expired) and a real write
+        as that role, in a transaction that is rolled back, succeeds under the settings it would get.
+        """
+        address = self._instance(port).address
+        roles = self.application_role_names(port)
+        results = []
+        with self.connect(port) as conn:
+            allow, limit, sessions = conn.execute(
+                "SELECT d.datallowconn, d.datconnlimit, (SELECT count(*) FROM pg_stat_activity a WHERE a.datid = d.oid) "
+                "FROM pg_database d WHERE d.datname = current_database()").fetchone()
+            fenced = [row[0] for row in conn.execute(
+                "SELECT d.datname FROM pg_database d JOIN pg_db_role_setting s ON s.setdatabase = d.oid "
+                "AND s.setrole = 0, unnest(s.setconfig) AS c WHERE c LIKE 'dr.fenced_connlimit=%' ORDER BY 1")]
+            problems = []
+            if not allow:
+                problems.append(f"database {self.database} does not allow connections")
+            if limit == 0 or (limit > 0 and sessions >= limit):
+                problems.append(f"database {self.database} accepts no more connections (limit {limit}, {sessions} open)")
+            if fenced:
+                problems.append(f"still fenced: {', '.join(fenced)} (connection limit kept in dr.fenced_connlimit)")
+            results.append(CheckResult("databases accept connections", not problems,
+                                       "; ".join(problems) or f"{self.database} at {address}: limit {limit}, {sessions} open"))
+            if not roles:
+                results.append(CheckResult("application roles", True, f"no non-superuser login role owns or may write a "
+                                           f"table of {self.database}; none checked", critical=False))
+            for role in roles:
+                problems = self._login_refusals(conn, role) or []
+                if not problems:
+                    problem = self._write_refusal(conn, role)
+                    problems = [problem] if problem else []
+                results.append(CheckResult(f"application role {role} can connect and write", not problems,
+                                           "; ".join(problems) or f"{role} may log in to {self.database} at {address} "
+                                           "and a write as it was accepted (rolled back)"))
+        return results
+
+    def _login_refusals(self, conn: psycopg.Connection, role: str) -> list[str]:
+        row = conn.execute(
+            "SELECT r.rolcanlogin, r.rolconnlimit, r.rolvaliduntil < now(), "
+            "(SELECT count(*) FROM pg_stat_activity a WHERE a.usename = r.rolname), "
+            "has_database_privilege(r.oid, current_database(), 'CONNECT') FROM pg_roles r WHERE r.rolname = %s",
+            (role,)).fetchone()
+        if row is None:
+            return [f"role {role} does not exist"]
+        can_login, limit, expired, sessions, connect = row
+        problems = []
+        if not can_login:
+            problems.append(f"role {role} cannot log in (NOLOGIN)")
+        if limit == 0 or (limit > 0 and sessions >= limit):
+            problems.append(f"role {role} may open no more connections (limit {limit}, {sessions} open)")
+        if expired:
+            problems.append(f"the password of role {role} has expired")
+        if not connect:
+            problems.append(f"role {role} has no CONNECT privilege on {self.database}")
+        return problems
+
+    def _write_refusal(self, conn: psycopg.Connection, role: str) -> str | None:
+        """Why a write as ``role`` fails (None when it succeeds): a zero-row INSERT (or DELETE) that passes every
+        check a real one does (read-only mode, privileges, statement triggers), inside a transaction rolled back."""
+        target = conn.execute(
+            "SELECT n.nspname, c.relname, a.attname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped "
+            "AND a.attgenerated = '' AND a.attidentity <> 'a' "
+            "WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition "
+            "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast' "
+            "AND has_column_privilege(%s, c.oid, a.attnum, 'INSERT') ORDER BY c.oid, a.attnum LIMIT 1", (role,)
+        ).fetchone()
+        if target:
+            write = sql.SQL("INSERT INTO {} ({}) SELECT NULL WHERE false").format(
+                sql.Identifier(target[0], target[1]), sql.Identifier(target[2]))
+        else:
+            target = conn.execute(
+                "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+                "AND n.nspname !~ '^pg_toast' AND has_table_privilege(%s, c.oid, 'DELETE') ORDER BY c.oid LIMIT 1",
+                (role,)).fetchone()
+            if not target:
+                return f"role {role} may insert into or delete from no table of {self.database}"
+            write = sql.SQL("DELETE FROM {} WHERE false").format(sql.Identifier(target[0], target[1]))
+        # The mode the role's sessions get: its own and its database's settings, else the server's.
+        read_only = conn.execute(
+            "SELECT split_part(c, '=', 2) FROM pg_db_role_setting s, unnest(s.setconfig) AS c "
+            "WHERE c LIKE 'default\\_transaction\\_read\\_only=%%' AND ("
+            "(s.setrole = (SELECT oid FROM pg_roles WHERE rolname = %s) AND s.setdatabase IN "
+            "((SELECT oid FROM pg_database WHERE datname = current_database()), 0)) "
+            "OR (s.setrole = 0 AND s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database()))) "
+            "ORDER BY (s.setrole <> 0) DESC, (s.setdatabase <> 0) DESC LIMIT 1", (role,)).fetchone()
+        mode = read_only[0] if read_only else conn.execute("SHOW default_transaction_read_only").fetchone()[0]
+        readonly = mode.lower() in ("on", "true", "yes", "1")
+        try:
+            conn.execute("BEGIN TRANSACTION " + ("READ ONLY" if readonly else "READ WRITE"))
+            try:
+                conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(
+                    sql.Literal(self.query_timeout_seconds * 1000)))
+                conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
+                conn.execute(write)
+            finally:
+                conn.execute("ROLLBACK")
+        except psycopg.Error as exc:
+            if classify(exc, "").transient:
+                raise classify(exc, f"write check as {role}") from exc
+            return f"a write as {role} ({write.as_string()}) was refused: {_primary_message(exc)}"
+        return None
 
     def last_replayed_commit(self, port: int) -> datetime | None:
         """Commit time of the last transaction the restored instance replayed."""

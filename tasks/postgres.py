@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 from prefect import get_run_logger, task
 
-from blocks.errors import InvalidInput, RecoveryError
+from blocks.errors import InvalidInput, PostgresError, PostgresUnavailable, RecoveryError
 from blocks.pgbackrest import BackupSet
 from blocks.postgres import Candidate, CheckResult, PostgresCluster, Promotion, VerificationQuery
 from tasks._policy import policy
@@ -39,6 +39,59 @@ class DataLoss:
     last_restored_commit: datetime | None
     incident_at: datetime
     seconds: float | None
+
+
+@task(name="check-database-inputs", **policy(timeout_seconds=600))
+def check_database_inputs(
+    cluster: PostgresCluster,
+    verification_queries: list[VerificationQuery] | None = None,
+    row_count_tables: list[str] | None = None,
+    smoke_queries: list[str] | None = None,
+    roles: list[str] | None = None,
+    roles_parameter: str = "roles",
+    port: int | None = None,
+) -> int:
+    """Refuse, before any change, a query, table, database or role the instance at ``port`` (the primary) lacks.
+
+    Every query is parsed and planned (never run) as one statement in a read-only transaction
+    that is rolled back; each table must be countable; each query's database and each role must
+    exist; so must the block's ``application_roles``. Returns how many names and queries were checked.
+
+    Raises:
+        InvalidInput: naming the parameter, the value and why it was refused.
+    """
+    address = cluster.instance_at(port).address if port is not None else cluster.primary.address
+    checked = 0
+    if (verification_queries or smoke_queries or row_count_tables) and cluster.query_role \
+            and not cluster.role_exists(cluster.query_role, port):
+        raise InvalidInput(f"query_role of the cluster block: role {cluster.query_role!r} does not exist on {address} "
+                           "(expected a role that may read the checked tables, or empty for the superuser)")
+    for index, query in enumerate(verification_queries or []):
+        where = f"verification_queries[{index}] ({query.name!r})"
+        if query.database is not None and not cluster.database_exists(query.database, port):
+            raise InvalidInput(f"{where}: database {query.database!r} does not exist on {address} "
+                               "(expected a database that accepts connections)")
+        why = cluster.query_refusal(query.sql, port, query.database)
+        if why:
+            raise InvalidInput(f"{where}: query {query.sql!r} is refused on {address}: {why}")
+        checked += 1
+    for index, statement in enumerate(smoke_queries or []):
+        why = cluster.query_refusal(statement, port)
+        if why:
+            raise InvalidInput(f"smoke_queries[{index}]: query {statement!r} is refused on {address}: {why}")
+        checked += 1
+    for table in row_count_tables or []:
+        why = cluster.table_refusal(table, port)
+        if why:
+            raise InvalidInput(f"row_count_tables: table {table!r} cannot be counted on {address}: {why}")
+        checked += 1
+    named = [(roles_parameter, role) for role in roles or []]
+    named += [(f"application_roles of the cluster block ({address})", role) for role in cluster.application_roles]
+    for parameter, role in named:
+        if not cluster.role_exists(role, port):
+            raise InvalidInput(f"{parameter}: role {role!r} does not exist on {address} (expected an existing role)")
+        checked += 1
+    return checked
 
 
 @task(name="take-full-backup", **policy(timeout_seconds=3600, retries=1))
@@ -121,7 +174,9 @@ def verify_restored_instance(
     for table in tables:
         try:
             results.append(CheckResult(f"row count: {table}", True, str(cluster.row_count(table, port)), critical=False))
-        except InvalidInput as exc:
+        except PostgresUnavailable:
+            raise
+        except (InvalidInput, PostgresError) as exc:
             results.append(CheckResult(f"row count: {table}", False, str(exc)))
     results.extend(cluster.run_sentinel(q, port) for q in queries)
     return results
@@ -155,10 +210,12 @@ def stop_restored_instance(cluster: PostgresCluster, candidate: Candidate) -> No
 
 @task(name="check-endpoint", **policy(timeout_seconds=300))
 def check_endpoint(cluster: PostgresCluster, queries: list[VerificationQuery]) -> list[CheckResult]:
-    """Post-promotion checks at the address applications use."""
+    """Post-promotion checks at the address applications use: read-write, open to the application roles, which
+    can log in and write, and the sentinel queries."""
     results = []
     writable = not cluster.is_in_recovery() and not cluster.is_fenced()
     results.append(CheckResult("endpoint accepts writes", writable, f"{cluster.primary.address} read-write={writable}"))
+    results.extend(cluster.application_access())
     results.extend(cluster.run_sentinel(q) for q in queries)
     try:
         streaming = cluster.streaming_replicas()

@@ -40,8 +40,9 @@ def smoke_test_sql(cluster: PostgresCluster, port: int, queries: list[str] | Non
                            f"{inst.address} role {cluster.role(port)}")]
     for sql in queries or []:
         try:
-            value = cluster.query_one(sql, port=port)
+            # One statement in a read-only transaction, bounded by the cluster's query timeout.
+            value = cluster.read_only_value(sql, port=port)
             results.append(CheckResult(f"query: {sql[:60]}", True, f"returned {value}"))
-        except PostgresError as exc:
+        except (PostgresError, InvalidInput) as exc:
             results.append(CheckResult(f"query: {sql[:60]}", False, str(exc)[:300]))
     return results
