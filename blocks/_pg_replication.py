@@ -1,4 +1,4 @@
-"""Replication verbs of :class:`blocks.postgres.PostgresCluster`: lag, promotion of a replica, resync."""
+"""Replication verbs of :class:`blocks.postgres.PostgresCluster`: lag, timelines, promotion of a replica, resync."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from blocks._process import chown_to, run_as, wait_until
-from blocks.errors import CommandFailed, InvalidInput, PostgresError, PostgresUnavailable
+from blocks.errors import BackupError, CommandFailed, InvalidInput, PostgresError, PostgresUnavailable, RecoveryError
+from blocks.pgbackrest import lsn_value, parse_timeline_history
 
 # Configuration files pg_rewind and pg_basebackup copy from the source; each instance keeps its own.
 CONFIG_FILES = ("postgresql.conf", "postgresql.auto.conf", "pg_hba.conf", "pg_ident.conf")
@@ -37,6 +38,32 @@ def proves_unreachable(exc: PostgresUnavailable) -> bool:
 
 
 @dataclass(frozen=True)
+class TimelineHistory:
+    """The timeline a primary writes and where its history left each ancestor timeline.
+
+    ``forks`` maps an ancestor timeline to the WAL position where the next timeline branched off
+    it; None when the history file could not be read.
+    """
+
+    timeline: int
+    forks: dict[int, str] | None
+    source: str
+
+
+@dataclass(frozen=True)
+class TimelineCheck:
+    """Whether an instance is on the primary's timeline, with the primary's history: only then may it be promoted."""
+
+    address: str
+    port: int
+    timeline: int | None
+    position: str | None
+    primary_timeline: int | None
+    on_history: bool
+    detail: str
+
+
+@dataclass(frozen=True)
 class ReplicaLag:
     """How far a replica is behind, and the most data promoting it now could lose.
 
@@ -54,6 +81,9 @@ class ReplicaLag:
     last_replayed_commit: datetime | None
     detail: str
     received_lsn: str | None = None
+    timeline: int | None = None
+    primary_timeline: int | None = None
+    on_history: bool = True
 
     @property
     def received_position(self) -> int:
@@ -64,8 +94,8 @@ class ReplicaLag:
         return (int(high, 16) << 32) + int(low, 16)
 
     def within(self, rpo_seconds: float) -> bool:
-        """True when the measured data-loss window is known and at most ``rpo_seconds``."""
-        return self.seconds is not None and self.seconds <= rpo_seconds
+        """True when the replica is on the primary's timeline and its data-loss window is known and at most ``rpo_seconds``."""
+        return self.on_history and self.seconds is not None and self.seconds <= rpo_seconds
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -92,6 +122,15 @@ class Resync:
     method: str
     moved_aside: str | None
     detail: str
+
+
+def _text(value) -> str:
+    """A replication command's column (text or bytes) as text."""
+    return bytes(value).decode() if isinstance(value, (bytes, bytearray, memoryview)) else str(value)
+
+
+def _forks_text(forks: dict[int, str]) -> str:
+    return "(" + (", ".join(f"timeline {t} left at {lsn}" for t, lsn in sorted(forks.items())) or "no fork") + ")"
 
 
 class ReplicationVerbs:
@@ -168,6 +207,13 @@ class ReplicationVerbs:
         if not in_recovery:
             return ReplicaLag(inst.address, port, True, 0, 0.0, "replica", None, f"{inst.address} is a primary")
         source = self.instance_at(primary_port) if primary_port is not None else self.primary
+        # WAL positions compare only along one history: a standby of an abandoned timeline is never "caught up".
+        timeline = self.history_check(port, source.port if source.port != port else None)
+        if not timeline.on_history:
+            return ReplicaLag(inst.address, port, False, None, None, "timeline", replay_ts, timeline.detail,
+                              str(received) if received is not None else None, timeline.timeline,
+                              timeline.primary_timeline, False)
+        extra = (timeline.timeline, timeline.primary_timeline)
         primary_lsn = None
         if source.port != port:
             try:
@@ -188,7 +234,7 @@ class ReplicationVerbs:
             detail = (f"{behind} bytes of WAL behind {source.address}"
                       + (f"; last replayed commit {replay_ts.isoformat()}" if replay_ts else ""))
             return ReplicaLag(inst.address, port, False, behind, seconds, "primary", replay_ts, detail,
-                              str(received) if received is not None else None)
+                              str(received) if received is not None else None, *extra)
         pending = 0
         if received is not None and replayed is not None:
             pending = max(int(self.query_one("SELECT pg_wal_lsn_diff(%s::pg_lsn, %s::pg_lsn)",
@@ -208,7 +254,7 @@ class ReplicationVerbs:
                   f"data-loss window measured {window}; received up to {received or 'unknown'}; "
                   f"receiver {receiver or 'stopped'}")
         return ReplicaLag(inst.address, port, False, pending, seconds, "replica", replay_ts, detail,
-                          str(received) if received is not None else None)
+                          str(received) if received is not None else None, *extra)
 
     def replayed(self, port: int, lsn: str, timeout_seconds: float = 30) -> bool:
         """Wait (bounded) until the instance on ``port`` has replayed WAL up to ``lsn``.
@@ -233,6 +279,139 @@ class ReplicationVerbs:
                 return False
             time.sleep(0.2)
         return True
+
+    # ------------------------------------------------------------------ timelines
+
+    def timeline_of(self, port: int) -> tuple[int, str, dict[int, str]]:
+        """The timeline the instance on ``port`` writes or (a standby) replays, its WAL position and that timeline's history.
+
+        Asked over a replication session (``IDENTIFY_SYSTEM``, ``TIMELINE_HISTORY``): the only place a
+        standby names the timeline it replays. The block's role needs a ``replication`` entry in
+        pg_hba.conf, as cloning a replica does.
+
+        Returns:
+            (timeline, WAL position, {ancestor timeline: position where the history left it}).
+        """
+        inst = self.instance_at(port)
+        try:
+            conn = psycopg.connect(host=inst.host, port=inst.port, user=self.user,
+                                   password=self.password.get_secret_value(), replication="true",
+                                   connect_timeout=self.connect_timeout_seconds, autocommit=True,
+                                   application_name="dr-pipelines")
+        except psycopg.OperationalError as exc:
+            kind = PostgresError if exc.sqlstate else PostgresUnavailable
+            raise kind(f"replication session to {inst.address} refused: {str(exc).strip()}") from exc
+        try:
+            row = conn.execute("IDENTIFY_SYSTEM").fetchone()
+            timeline, position = int(row[1]), _text(row[2])
+            forks: dict[int, str] = {}
+            if timeline > 1:
+                history = conn.execute(f"TIMELINE_HISTORY {timeline}").fetchone()
+                forks = parse_timeline_history(_text(history[1]))
+        except psycopg.Error as exc:
+            raise PostgresError(f"reading the timeline of {inst.address} failed: {str(exc).strip()}") from exc
+        finally:
+            conn.close()
+        return timeline, position, forks
+
+    def primary_history(self, primary_port: int | None = None, exclude: int | None = None) -> tuple[TimelineHistory | None, list[str]]:
+        """The timeline and history of the cluster's current primary, and why any source could not tell.
+
+        The primary on ``primary_port`` (any other instance than ``exclude`` when None) is asked when
+        it answers as a primary. Otherwise the newest of what the stopped instances' data directories
+        on this host and the WAL archive hold: a primary that cannot be asked still left its timeline there.
+        """
+        notes: list[str] = []
+        others = ([self.instance_at(primary_port)] if primary_port is not None
+                  else [inst for inst in self.instances() if inst.port != exclude])
+        silent = []
+        for inst in others:
+            role, reason = self._probe(inst.port)
+            if role == "primary":
+                try:
+                    timeline, _, forks = self.timeline_of(inst.port)
+                    return TimelineHistory(timeline, forks, f"asked {inst.address}"), notes
+                except PostgresError as exc:
+                    notes.append(str(exc))
+            elif role != "standby":
+                notes.append(f"{inst.address} cannot be asked ({role})")
+                silent.append(inst)
+        found: list[TimelineHistory] = []
+        for inst in silent:
+            if inst.data_directory:
+                on_disk = self._history_on_disk(inst.data_directory)
+                if on_disk is not None:
+                    found.append(on_disk)
+                else:
+                    notes.append(f"{inst.data_directory} names no timeline")
+        try:
+            newest = self.pgbackrest.newest_timeline()
+        except BackupError as exc:
+            notes.append(f"the WAL archive cannot be read: {exc}")
+            newest = None
+        if newest is not None:
+            found.append(TimelineHistory(newest[0], parse_timeline_history(newest[1]) if newest[1] is not None else None,
+                                         f"WAL archive of stanza {self.pgbackrest_stanza!r}"))
+        if not found:
+            return None, notes
+        best = max(found, key=lambda h: (h.timeline, h.forks is not None))
+        return best, notes
+
+    def _history_on_disk(self, data_dir: str) -> TimelineHistory | None:
+        """The timeline of a data directory on this host: its control file, and the newest history file in pg_wal."""
+        proc = run_as([self._bin("pg_controldata"), "-D", data_dir], user=self.os_user, timeout=30, check=False)
+        found = re.search(r"Latest checkpoint's TimeLineID:\s+(\d+)", proc.stdout)
+        timeline = int(found.group(1)) if found else 0
+        wal = os.path.join(data_dir, "pg_wal")
+        listing = run_as(["ls", "-1", wal], user=self.os_user, timeout=30, check=False).stdout.split()
+        written = [int(name[:8], 16) for name in listing if re.fullmatch(r"[0-9A-F]{8}\.history", name)]
+        timeline = max([timeline, *written])
+        if timeline == 0:
+            return None
+        forks: dict[int, str] | None = {}
+        if timeline > 1:
+            text = run_as(["cat", os.path.join(wal, f"{timeline:08X}.history")], user=self.os_user, timeout=30,
+                          check=False)
+            forks = parse_timeline_history(text.stdout) if text.returncode == 0 else None
+        return TimelineHistory(timeline, forks, f"data directory {data_dir}")
+
+    def history_check(self, port: int, primary_port: int | None = None) -> TimelineCheck:
+        """Whether the instance on ``port`` is on the primary's timeline and history (see ``primary_history``).
+
+        A standby of another timeline is never a promotion candidate, whatever its WAL position says:
+        one left on the timeline a point-in-time restore abandoned replays (and would serve) the history
+        that was recovered from, and one behind on an ancestor timeline would branch a second history.
+        """
+        inst = self.instance_at(port)
+        history, notes = self.primary_history(primary_port, exclude=port)
+        primary_timeline = history.timeline if history else None
+        try:
+            timeline, position, forks = self.timeline_of(port)
+        except PostgresError as exc:
+            return TimelineCheck(inst.address, port, None, None, primary_timeline, False,
+                                 f"{inst.address}: its timeline cannot be read ({exc}); it is not a promotion candidate")
+        where = f"{inst.address} is on timeline {timeline} at {position}"
+        if history is None:
+            return TimelineCheck(inst.address, port, timeline, position, None, False,
+                                 f"{where}, but the primary's timeline cannot be established ({'; '.join(notes)}); "
+                                 "it is not a promotion candidate")
+        theirs = f"the primary's timeline {history.timeline} ({history.source})"
+        if timeline == history.timeline and (history.forks is None or forks == history.forks):
+            return TimelineCheck(inst.address, port, timeline, position, history.timeline, True, f"{where}, {theirs}")
+        fork = (history.forks or {}).get(timeline)
+        if timeline == history.timeline:
+            why = f"its history {_forks_text(forks)} is not the primary's {_forks_text(history.forks or {})}"
+        elif fork is not None and lsn_value(position) > lsn_value(fork):
+            why = (f"it holds WAL of timeline {timeline} past {fork}, where the primary's history left that timeline: "
+                   "it replays the abandoned history")
+        elif fork is not None:
+            why = f"it has not switched to timeline {history.timeline}, which branched off at {fork}"
+        elif timeline > history.timeline:
+            why = "a newer timeline than the primary's: it follows another history"
+        else:
+            why = f"timeline {timeline} is not in the primary's history {_forks_text(history.forks or {})}"
+        return TimelineCheck(inst.address, port, timeline, position, history.timeline, False,
+                             f"{where}, not on {theirs}: {why}; it is not a promotion candidate")
 
     # ------------------------------------------------------------------ fencing by instance
 
@@ -302,9 +481,14 @@ class ReplicationVerbs:
         """Promote the replica on ``port`` to a primary and open it for writes.
 
         A fence the old primary replicated to it (connection limits) is lifted. Idempotent: a
-        primary is left as it is.
+        primary is left as it is. A standby that is not on the primary's timeline and history (see
+        ``history_check``) is refused before anything changes.
         """
         inst = self.instance_at(port)
+        if self.is_in_recovery(port):
+            check = self.history_check(port)
+            if not check.on_history:
+                raise PostgresError(f"{inst.address} is not promoted: {check.detail}")
         self.archive_from_own_directory(port)
         if not self.is_in_recovery(port):
             self.unfence_instance(port)
@@ -372,14 +556,15 @@ class ReplicationVerbs:
         status = json.loads(row)
         return status.get("status") == "streaming" and status.get("sender_port") == source_port
 
-    def resync_as_standby(self, port: int, source_port: int, allow_clone: bool = True, timeout_seconds: int = 120) -> Resync:
+    def resync_as_standby(self, port: int, source_port: int, allow_clone: bool = True, timeout_seconds: int = 120,
+                          rewind: bool = True) -> Resync:
         """Make the instance on ``port`` a streaming standby of the primary on ``source_port``.
 
         The instance is stopped and rewound with ``pg_rewind`` (as the OS user, password from a
-        private pgpass file); when rewinding is impossible and ``allow_clone`` is set, its data
-        directory is moved aside (never deleted) and a fresh ``pg_basebackup`` clone takes its place.
-        Its own configuration files are kept either way. Idempotent: a standby already streaming
-        from the source is left as it is.
+        private pgpass file); when rewinding is impossible (or ``rewind`` is off) and ``allow_clone``
+        is set, its data directory is moved aside (never deleted) and a fresh ``pg_basebackup`` clone
+        takes its place. Its own configuration files are kept either way. Idempotent: a standby
+        already streaming from the source is left as it is.
         """
         if port == source_port:
             raise InvalidInput(f"instance on port {port} cannot follow itself")
@@ -389,11 +574,15 @@ class ReplicationVerbs:
             return Resync(inst.address, source.address, "already-following", None, "already streaming")
         if self.role(source_port) != "primary":
             raise PostgresError(f"{source.address} is not a running primary; nothing to follow")
+        if not rewind and not allow_clone:
+            raise InvalidInput(f"resync of port {port}: rewind=False needs allow_clone=True (nothing else would resync it)")
         saved = self._read_config(self._config_source(data_dir))
         self.stop_instance(data_dir)
         moved_aside = None
-        method = "rewind"
+        method, detail, reason = "rewind", "", "pg_rewind not tried"
         try:
+            if not rewind:
+                raise CommandFailed("pg_rewind", None, "not tried: a fresh clone was asked for")
             if not os.path.exists(os.path.join(data_dir, "PG_VERSION")):
                 raise CommandFailed("pg_rewind", 1, f"{data_dir} holds no data directory")
             detail = self._rewind(data_dir, source)
@@ -401,21 +590,56 @@ class ReplicationVerbs:
             if not allow_clone:
                 raise PostgresError(f"pg_rewind of {data_dir} from {source.address} failed: {exc}") from exc
             method = "clone"
+            reason = "a fresh clone was asked for" if not rewind else f"pg_rewind failed ({str(exc)[:200]})"
+        if method == "clone":
             if os.path.exists(data_dir):
-                moved_aside = f"{data_dir.rstrip('/')}.failed-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
-                try:
-                    os.rename(data_dir, moved_aside)
-                except OSError as err:
-                    raise PostgresError(f"moving {data_dir} aside to {moved_aside} failed: {err}") from err
+                moved_aside = self._move_aside(data_dir, "failed" if rewind else "abandoned")
             else:
                 moved_aside = self._newest_moved_aside(data_dir)
             self._clone(data_dir, source)
-            detail = f"pg_rewind failed ({str(exc)[:200]}); cloned afresh, old data directory kept at {moved_aside}"
+            detail = f"{reason}; cloned afresh, old data directory kept at {moved_aside}"
         self._configure_standby(data_dir, port, source, saved)
         self.start_instance(data_dir, port)
         wait_until(lambda: self.follows(port, source_port), timeout=timeout_seconds, interval=0.3,
                    what=f"{inst.address} to stream from {source.address}")
         return Resync(inst.address, source.address, method, moved_aside, detail)
+
+    def rebuild_from_primary(self, port: int, timeout_seconds: int = 120) -> Resync:
+        """Make the replica on ``port`` a standby of the primary a point-in-time restore put at the endpoint.
+
+        A replica streaming from the primary, on its timeline, is left as it is. Any other one holds
+        (or may hold) the history the restore abandoned: it is stopped, its data directory is moved
+        aside to ``<dir>.abandoned-<time>`` (never deleted) and a fresh clone of the primary takes
+        its place. When the clone fails the replica is left stopped, so it neither serves reads of
+        the abandoned history nor can be promoted, and the error says so. A replica on another host
+        cannot be rebuilt from here: one off the primary's timeline is reported as an error.
+
+        Returns:
+            What was done: method 'already-following' or 'clone' (with where the old directory went).
+        """
+        inst, primary = self.instance_at(port), self.primary
+        if port == primary.port:
+            raise InvalidInput(f"port {port} is the primary's; only replicas are rebuilt from it")
+        if self.follows(port, primary.port):
+            check = self.history_check(port, primary.port)
+            if check.on_history:
+                return Resync(inst.address, primary.address, "already-following", None, check.detail)
+        if not inst.data_directory:
+            check = self.history_check(port, primary.port)
+            if check.on_history:
+                return Resync(inst.address, primary.address, "on-timeline", None,
+                              f"{check.detail}; not streaming from {primary.address} and not on this host")
+            raise PostgresError(f"{check.detail}. It is not on this host and cannot be rebuilt from here: rebuild it "
+                                f"by hand from {primary.address}")
+        try:
+            return self.resync_as_standby(port, primary.port, timeout_seconds=timeout_seconds, rewind=False)
+        except (RecoveryError, OSError) as exc:
+            with contextlib.suppress(RecoveryError):
+                self.stop_instance(inst.data_directory, "immediate")
+            state = "still running" if self.instance_running(inst.data_directory) else "stopped"
+            raise PostgresError(f"rebuilding {inst.address} from {primary.address} failed ({exc}); it is left {state} "
+                                f"and is no promotion candidate; its old data directory is kept "
+                                f"({self._newest_moved_aside(inst.data_directory) or inst.data_directory})") from exc
 
     def _stale_role_settings(self, data_dir: str) -> list[str]:
         """Recovery settings a standby must not carry (a recovery target would end its following and promote it)."""
@@ -427,14 +651,28 @@ class ReplicationVerbs:
             return []
         return [k for k in keys if k.startswith("recovery_target") or k in ("restore_command", "default_transaction_read_only")]
 
+    def _move_aside(self, data_dir: str, label: str) -> str:
+        """Rename ``data_dir`` to ``<data_dir>.<label>-<UTC time>`` (never deleted); returns the new path."""
+        stamp = f"{data_dir.rstrip('/')}.{label}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
+        aside, n = stamp, 1
+        while os.path.exists(aside):
+            n += 1
+            aside = f"{stamp}-{n}"
+        try:
+            os.rename(data_dir, aside)
+        except OSError as err:
+            raise PostgresError(f"moving {data_dir} aside to {aside} failed: {err}") from err
+        return aside
+
     def _newest_moved_aside(self, data_dir: str) -> str | None:
         """The newest copy of ``data_dir`` an earlier resync moved aside, if any."""
         parent, base = os.path.split(data_dir.rstrip("/"))
+        pattern = re.compile(re.escape(base) + r"\.(?:failed|abandoned)-(\d{8}T\d{6}Z)(?:-(\d+))?$")
         try:
-            names = sorted(n for n in os.listdir(parent) if n.startswith(f"{base}.failed-"))
+            names = [(m.group(1), int(m.group(2) or 1), n) for n in os.listdir(parent) if (m := pattern.match(n))]
         except OSError:
             return None
-        return os.path.join(parent, names[-1]) if names else None
+        return os.path.join(parent, max(names)[2]) if names else None
 
     def _config_source(self, data_dir: str) -> str:
         """Where the instance's own configuration is: its data directory, or (after a clone that failed

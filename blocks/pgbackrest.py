@@ -16,6 +16,7 @@ from blocks.errors import BackupError, CommandFailed, InvalidInput
 _SEGMENT = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$")
 _RESTORE_POINT = re.compile(r"lsn: ([0-9A-F]+/[0-9A-F]+),.*desc: RESTORE_POINT (.+)$")
 _BACKUP_SET = re.compile(r"restore backup set (\S+)")
+_HISTORY_ENTRY = re.compile(r"^\s*(\d+)\s+([0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8})\b")
 _VERIFY_PROBLEM = re.compile(r"status: (error|invalid)|checksum invalid|invalid checksum|missing|ERROR|WARN")
 
 
@@ -35,6 +36,17 @@ class BackupSet:
     error: bool
     size_bytes: int
     lsn_stop: str = "0/0"
+
+
+def parse_timeline_history(text: str) -> dict[int, str]:
+    """A timeline history file as {ancestor timeline: WAL position where the next timeline branched off it}."""
+    forks = {}
+    for line in (text or "").splitlines():
+        entry = _HISTORY_ENTRY.match(line)
+        if entry:
+            high, _, low = entry.group(2).upper().partition("/")
+            forks[int(entry.group(1))] = f"{int(high, 16):X}/{int(low, 16):X}"
+    return forks
 
 
 def lsn_value(lsn: str) -> int:
@@ -162,6 +174,39 @@ class PgBackRest:
         match = _BACKUP_SET.search(proc.stdout + proc.stderr)
         return match.group(1).rstrip(",") if match else "unknown"
 
+    def timeline_history(self, timeline: int) -> str | None:
+        """The archived history file of ``timeline`` (None when the archive holds none)."""
+        name = f"{timeline:08X}.history"
+        workdir = tempfile.mkdtemp(prefix="dr-wal-")
+        try:
+            chown_to(workdir, self.os_user)
+            dest = os.path.join(workdir, name)
+            got = self._run("archive-get", params=(name, dest), timeout=120, check=False)
+            if got.returncode != 0 or not os.path.exists(dest):
+                return None
+            with open(dest) as fh:
+                return fh.read()
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def newest_timeline(self, probe: int = 8) -> tuple[int, str | None] | None:
+        """The newest timeline the archive knows and its history file (None for timeline 1 or an unreadable file).
+
+        The newest archived segment names a timeline; a history file of a later one (pushed at a
+        promotion before any of its segments) wins, looking at most ``probe`` timelines further.
+        """
+        span = self.archive_range()
+        if span is None:
+            return None
+        timeline = int(span[1][:8], 16)
+        text = self.timeline_history(timeline) if timeline > 1 else ""
+        for _ in range(probe):
+            later = self.timeline_history(timeline + 1)
+            if later is None:
+                break
+            timeline, text = timeline + 1, later
+        return timeline, text
+
     def archive_push(self, wal_path: str) -> None:
         """Push one WAL segment or history file into the repository."""
         self._run("archive-push", params=(wal_path,), timeout=300)
@@ -194,11 +239,20 @@ class PgBackRest:
 
 
 def format_target_time(moment: datetime) -> str:
-    """A tz-aware time as pgBackRest's ``--target`` wants it: UTC, millisecond precision (floored)."""
+    """A tz-aware time as pgBackRest's ``--target`` wants it: in UTC, every microsecond kept, offset spelled out.
+
+    ``recovery_target_time`` is exact to the microsecond (a commit stamped later than the target is
+    not replayed), so a target cut to milliseconds would lose the commits of its last millisecond.
+    pgBackRest wants a space between date and time, and reads a time without an offset as the
+    host's local time.
+
+    Example:
+        >>> format_target_time(datetime.fromisoformat("2026-11-23T10:00:00.123457+02:00"))
+        '2026-11-23 08:00:00.123457+00:00'
+    """
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise InvalidInput(f"recovery target {moment.isoformat()} has no time zone; give an explicit UTC offset")
-    utc = moment.astimezone(timezone.utc)
-    return utc.strftime("%Y-%m-%d %H:%M:%S.") + f"{utc.microsecond // 1000:03d}+00"
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f") + "+00:00"
 
 
 def _segments_between(first: str, last: str):

@@ -20,10 +20,12 @@ def measure_replica_lag(cluster: PostgresCluster, port: int, primary_port: int |
 
 @task(name="rank-replicas", **policy(timeout_seconds=120))
 def rank_replicas(cluster: PostgresCluster, failed_port: int, primary_lost_at: datetime | None = None) -> list[ReplicaLag]:
-    """The reachable standbys other than ``failed_port``, the one holding the most WAL first.
+    """The reachable standbys other than ``failed_port``, the best promotion candidate first.
 
-    When the failed primary answered, the standbys are ranked by how far they are behind it; when it
-    could not be asked, by the WAL position each has received (highest first), then by the data-loss window.
+    Standbys on the primary's timeline and history come first (only they may be promoted; the others
+    are listed last, ``on_history`` False, their detail naming both timelines). When the failed primary
+    answered, they are ranked by how far they are behind it; when it could not be asked, by the WAL
+    position each has received (highest first), then by the data-loss window.
     """
     lags = []
     for inst in cluster.instances():
@@ -34,10 +36,15 @@ def rank_replicas(cluster: PostgresCluster, failed_port: int, primary_lost_at: d
 
 
 def order_candidates(lags: list[ReplicaLag]) -> list[ReplicaLag]:
-    """Standbys the best promotion candidate first: least behind the primary, or most WAL received without it."""
-    if lags and all(lag.measured_from == "primary" for lag in lags):
-        return sorted(lags, key=lambda lag: (lag.bytes is None, lag.bytes or 0, lag.seconds is None, lag.seconds or 0.0))
-    return sorted(lags, key=lambda lag: (-lag.received_position, lag.seconds is None, lag.seconds or 0.0))
+    """Standbys the best promotion candidate first: on the primary's timeline, then least behind the primary,
+    or most WAL received without it."""
+    eligible = [lag for lag in lags if lag.on_history]
+    refused = [lag for lag in lags if not lag.on_history]
+    if eligible and all(lag.measured_from == "primary" for lag in eligible):
+        ranked = sorted(eligible, key=lambda lag: (lag.bytes is None, lag.bytes or 0, lag.seconds is None, lag.seconds or 0.0))
+    else:
+        ranked = sorted(eligible, key=lambda lag: (-lag.received_position, lag.seconds is None, lag.seconds or 0.0))
+    return ranked + refused
 
 
 @task(name="read-roles", **policy(timeout_seconds=60))
@@ -111,6 +118,20 @@ def promote_replica(cluster: PostgresCluster, port: int, timeout_seconds: int = 
 def resync_standby_task(cluster: PostgresCluster, port: int, source_port: int, allow_clone: bool = True) -> Resync:
     """Make the instance on ``port`` a streaming standby of ``source_port`` (pg_rewind, else a fresh clone)."""
     result = cluster.resync_as_standby(port, source_port, allow_clone)
+    get_run_logger().info("%s follows %s (%s)", result.address, result.source, result.method)
+    return result
+
+
+def rebuild_replica(cluster: PostgresCluster, port: int) -> Resync:
+    """Make the replica on ``port`` a standby of the restored primary: kept when it follows it on its timeline,
+    else moved aside and cloned afresh (time limit from the block's own bounds)."""
+    return rebuild_replica_task.with_options(timeout_seconds=resync_limit(cluster))(cluster, port)
+
+
+@task(name="rebuild-replica", **policy(timeout_seconds=1800, retries=0))
+def rebuild_replica_task(cluster: PostgresCluster, port: int) -> Resync:
+    """Make the replica on ``port`` a standby of the restored primary (a fresh clone unless it follows it already)."""
+    result = cluster.rebuild_from_primary(port)
     get_run_logger().info("%s follows %s (%s)", result.address, result.source, result.method)
     return result
 

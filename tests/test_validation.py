@@ -42,9 +42,9 @@ def test_the_window_refuses_future_early_and_late_targets_naming_both_values():
     check_target_in_window(NOW - timedelta(hours=1), WINDOW, now=NOW)
 
 
-def test_pgbackrest_target_format_is_utc_with_milliseconds():
+def test_pgbackrest_target_format_is_utc_with_microseconds():
     moment = datetime(2026, 11, 23, 10, 0, 0, 123999, tzinfo=timezone(timedelta(hours=2)))
-    assert format_target_time(moment) == "2026-11-23 08:00:00.123+00"
+    assert format_target_time(moment) == "2026-11-23 08:00:00.123999+00:00"
     with pytest.raises(InvalidInput, match="no time zone"):
         format_target_time(datetime(2026, 11, 23, 10, 0))
 
