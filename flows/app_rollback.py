@@ -18,13 +18,14 @@ import re
 from datetime import datetime
 from typing import Literal
 
-from prefect import flow, get_run_logger, runtime
+from prefect import get_run_logger, runtime
 from prefect.states import Cancelled, Completed, Failed, State
 
 from blocks import CheckResult, RecoveryObjectives
 from blocks.errors import InvalidInput
 from blocks.health import HealthEndpoints
 from blocks.kubernetes import KubernetesTarget, RollbackPlan, RolloutNotReady, template_digest
+from flows.runbook.parameters import check_parameters, recovery_flow
 from tasks.approval import approval_step, check_approval_settings
 from tasks.estate import load_block
 from tasks.evidence import RecoveryReport, publish_evidence, utcnow
@@ -137,7 +138,7 @@ def _preview(report: RecoveryReport, plan: RollbackPlan, target: KubernetesTarge
     ])
 
 
-@flow(name="application-rollback", description="Roll a failed application deployment back to its previous revision.")
+@recovery_flow(name="application-rollback", description="Roll a failed application deployment back to its previous revision.")
 def app_rollback(
     kubernetes_block: str,
     deployment: str,
@@ -200,6 +201,7 @@ def app_rollback(
     )
     try:
         with report.step("Preflight: validate inputs") as step:
+            check_parameters()
             _refuse_bad_input(detected, started, to_revision, rollout_timeout_seconds, health_consecutive_required,
                               health_window_seconds, health_interval_seconds, approval_policy, approvers,
                               approval_timeout_seconds, drill, incident_id)
@@ -229,7 +231,7 @@ def app_rollback(
                              approval_timeout_seconds, approval_poll_seconds, dry_run, rollout_timeout_seconds,
                              health_consecutive_required, health_window_seconds, health_interval_seconds)
     except BaseException as exc:
-        report.outcome = "Refused" if isinstance(exc, InvalidInput) else "Failed"
+        report.outcome = report.outcome_for(exc)
         report.summary = report.summary or f"The rollback stopped: {exc}"
         raise
     finally:

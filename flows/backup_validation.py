@@ -10,18 +10,19 @@ Runbook (continuity plans: "Testing Schedule & Procedures" - backup validation; 
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, runtime
+from prefect import get_run_logger, runtime
 from prefect.states import Completed, Failed, State
 
 from blocks.backup_sources import BackupCheck, BackupSources
 from blocks.errors import RecoveryError
 from tasks.backups import check_object_backups, check_pgbackrest_backups, publish_backup_checks
 from tasks.estate import load_block
+from flows.runbook.parameters import check_parameters, recovery_flow
 from tasks.evidence import utcnow
 from tasks.notify import initial_alert, send_notification
 
 
-@flow(name="backup-validation", description="Check that every backup exists, is fresh, verifies and is retained.")
+@recovery_flow(name="backup-validation", description="Check that every backup exists, is fresh, verifies and is retained.")
 def backup_validation(sources_block: str = "default", notifier: str | None = None) -> State:
     """Validate every configured backup source.
 
@@ -36,6 +37,7 @@ def backup_validation(sources_block: str = "default", notifier: str | None = Non
     logger = get_run_logger()
     started = utcnow()
     try:
+        check_parameters()
         sources = load_block(BackupSources, sources_block)
         sources.check_settings()
         checks: list[BackupCheck] = []

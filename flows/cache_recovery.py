@@ -21,12 +21,13 @@ import time
 from datetime import datetime, timezone
 from typing import Literal
 
-from prefect import flow, get_run_logger, runtime
+from prefect import get_run_logger, runtime
 from prefect.states import Cancelled, Completed, Failed, State
 
 from blocks import CheckResult, RecoveryObjectives
 from blocks.errors import InvalidInput
 from blocks.redis_cache import CacheStats, RedisCache
+from flows.runbook.parameters import check_parameters, recovery_flow
 from tasks.approval import approval_step, check_approval_settings
 from tasks.estate import load_block
 from tasks.evidence import RecoveryReport, publish_evidence, utcnow
@@ -79,7 +80,7 @@ def _refuse_bad_input(detected: datetime, started: datetime, window: float, inte
         check_approval_settings(policy, approvers, approval_timeout, drill)
 
 
-@flow(name="cache-recovery", description="Flush the affected Redis database, then watch the cache warm up.")
+@recovery_flow(name="cache-recovery", description="Flush the affected Redis database, then watch the cache warm up.")
 def cache_recovery(
     cache_block: str,
     incident_detected_at: datetime,
@@ -129,6 +130,7 @@ def cache_recovery(
     )
     try:
         with report.step("Preflight: validate inputs") as step:
+            check_parameters()
             _refuse_bad_input(incident_detected_at, started, warmup_window_seconds, sample_interval_seconds,
                               approval_policy, approvers, approval_timeout_seconds, drill, target_hit_rate)
             objectives = load_block(RecoveryObjectives, objectives_block,
@@ -151,7 +153,7 @@ def cache_recovery(
                             dry_run, warmup_window_seconds, sample_interval_seconds, target_hit_rate, min_keys,
                             stop_when_warm)
     except BaseException as exc:
-        report.outcome = "Refused" if isinstance(exc, InvalidInput) else "Failed"
+        report.outcome = report.outcome_for(exc)
         report.summary = report.summary or f"The recovery stopped: {exc}"
         raise
     finally:

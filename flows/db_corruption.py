@@ -17,11 +17,12 @@ import hashlib
 import re
 from datetime import datetime, timezone
 
-from prefect import flow, get_run_logger, runtime
+from prefect import get_run_logger, runtime
 from prefect.states import Cancelled, Completed, Failed, State
 
 from blocks import PostgresCluster, RecoveryObjectives, VerificationQuery
 from blocks.errors import InvalidInput, RecoveryError
+from flows.runbook.parameters import check_parameters, recovery_flow
 from tasks.approval import ApprovalPolicy, approval_step, check_approval_settings
 from tasks.estate import load_block
 from tasks.evidence import RecoveryReport, publish_evidence, utcnow
@@ -29,6 +30,7 @@ from tasks.locks import recovery_lock
 from tasks.postgres import (
     archive_current_wal,
     assess_corruption,
+    check_database_inputs,
     check_endpoint,
     check_target_in_window,
     fence_writes,
@@ -44,6 +46,7 @@ from tasks.postgres import (
     take_full_backup,
     verify_restored_instance,
 )
+from tasks.replication import rebuild_replica
 
 SCENARIO = "db-corruption"
 
@@ -85,7 +88,7 @@ def _preview(report: RecoveryReport, cluster: PostgresCluster) -> str:
     return "\n".join(lines)
 
 
-@flow(name="database-corruption-recovery", description="Point-in-time restore beside the primary, verify, approve, promote.")
+@recovery_flow(name="database-corruption-recovery", description="Point-in-time restore beside the primary, verify, approve, promote.")
 def db_corruption(
     cluster_block: str,
     recovery_target: str,
@@ -137,6 +140,7 @@ def db_corruption(
     )
     try:
         with report.step("Preflight: validate inputs") as step:
+            check_parameters()
             require_aware("incident_detected_at", incident_detected_at)
             refuse_future("incident_detected_at", incident_detected_at, started)
             check_approval_settings(approval_policy, approvers, approval_timeout_seconds, drill)
@@ -164,7 +168,7 @@ def db_corruption(
             return _recover(cluster, report, target, queries, tables, approval_policy, approvers,
                             approval_timeout_seconds, approval_poll_seconds, dry_run, take_backup_after)
     except BaseException as exc:
-        report.outcome = "Refused" if isinstance(exc, InvalidInput) else "Failed"
+        report.outcome = report.outcome_for(exc)
         report.summary = report.summary or f"The recovery stopped: {exc}"
         raise
     finally:
@@ -186,6 +190,8 @@ def _recover(
     take_backup_after: bool,
 ) -> State:
     progress = cluster.promotion_progress(report.incident_id)
+    if progress is not None and dry_run:
+        return _dry_run_resume(cluster, report, progress, queries, take_backup_after)
     if progress is not None:
         step_name = ("Resume: promotion already done" if progress == "promoted"
                      else "Resume: finish the interrupted promotion")
@@ -204,6 +210,7 @@ def _recover(
         with report.step("Preflight: recoverable window") as step:
             if not cluster.is_reachable():
                 raise InvalidInput(f"cluster {report.target!r}: primary {cluster.primary.address} is unreachable")
+            check_database_inputs(cluster, verification_queries=queries, row_count_tables=tables)
             # A real run closes and archives the current WAL segment first, so "now" is reachable;
             # a dry run changes nothing and judges the target against that same bound.
             archived = utcnow() if dry_run else archive_current_wal(cluster)
@@ -224,6 +231,9 @@ def _recover(
             "ask " + (", ".join(approvers) if approval_policy == "required" else "nobody (auto, drill)") + " to approve",
             f"stop {cluster.primary.address}, move {cluster.primary.data_directory} to "
             f"{cluster.primary.data_directory}.replaced-{report.incident_id}, start the restored instance there",
+            *([f"rebuild the replicas {', '.join(r.address for r in cluster.replicas)} from the restored primary: "
+               "one not streaming from it on its timeline is stopped, its data directory moved aside, and cloned "
+               "afresh"] if cluster.replicas else []),
             "check the endpoint and take a fresh full backup",
         ]
         report.plan = plan
@@ -246,13 +256,17 @@ def _recover(
                                 "backup_set": candidate.backup_set, "reused": candidate.reused}
             step.detail = f"{candidate.data_directory} on port {candidate.port} from backup {candidate.backup_set}"
 
-        with report.step("Verify the restored instance") as step:
-            report.add_checks("restored", verify_restored_instance(cluster, candidate.port, tables, queries))
-            loss = measure_data_loss(cluster, candidate.port, report.incident_detected_at)
-            report.last_restored_commit, report.rpo_seconds = loss.last_restored_commit, loss.seconds
-            failed = report.failed_critical("restored")
-            step.outcome = "ok" if not failed else "failed"
-            step.detail = f"{len(report.checks)} checks, {len(failed)} critical failures; data loss {loss.seconds} s"
+        try:
+            with report.step("Verify the restored instance") as step:
+                report.add_checks("restored", verify_restored_instance(cluster, candidate.port, tables, queries))
+                loss = measure_data_loss(cluster, candidate.port, report.incident_detected_at)
+                report.last_restored_commit, report.rpo_seconds = loss.last_restored_commit, loss.seconds
+                failed = report.failed_critical("restored")
+                step.outcome = "ok" if not failed else "failed"
+                step.detail = f"{len(report.checks)} checks, {len(failed)} critical failures; data loss {loss.seconds} s"
+        except Exception:
+            stop_restored_instance(cluster, candidate)  # a candidate that could not be verified is not left running
+            raise
 
         if report.failed_critical("restored"):
             stop_restored_instance(cluster, candidate)
@@ -284,6 +298,9 @@ def _recover(
                                 "already_promoted": promotion.already_promoted, "promoted_at": promotion.promoted_at}
             step.detail = f"{promotion.endpoint} served from {promotion.data_directory}; old primary at {promotion.old_primary_aside}"
 
+    if cluster.replicas:
+        _rebuild_replicas(cluster, report)
+
     with report.step("Post-checks at the endpoint") as step:
         report.add_checks("endpoint", check_endpoint(cluster, queries))
         failed = report.failed_critical("endpoint")
@@ -309,6 +326,59 @@ def _recover(
     report.summary = (f"The database {report.target} was restored to {report.recovery_target} and serves "
                       f"applications again at {cluster.primary.address}.")
     return Completed(name="Recovered", message=report.summary)
+
+
+def _dry_run_resume(cluster: PostgresCluster, report: RecoveryReport, progress: str,
+                    queries: list[VerificationQuery], take_backup_after: bool) -> State:
+    """What a real re-run of an incident whose promotion was journalled would do; reads only, changes nothing."""
+    primary_dir = cluster.primary.data_directory
+    aside = f"{primary_dir}.replaced-{report.incident_id}"
+    done = progress == "promoted"
+    verb = "confirm" if done else "finish"
+    with report.step("Resume: promotion journalled (dry run)") as step:
+        candidate = cluster.candidate_for(report.incident_id)
+        step.detail = (f"the promotion of incident {report.incident_id} was journalled ({progress}); "
+                       f"a real run would {verb} it")
+    head = (f"the promotion of incident {report.incident_id} was journalled ({progress}); a real run would {verb} "
+            "it and restore nothing again")
+    if candidate is None:
+        report.plan = [head, f"its candidate is gone: a real run would stop and change nothing; inspect {primary_dir} "
+                       f"and {aside} by hand"]
+    elif done:
+        report.plan = [head, f"make sure {cluster.primary.address} runs from {primary_dir} (the restored instance) "
+                       "and its new timeline is archived"]
+    else:
+        report.plan = [head, f"stop {cluster.primary.address} if it runs, move {primary_dir} to {aside} unless it is "
+                       f"there already, move the candidate {candidate.data_directory} to {primary_dir} unless it is "
+                       "there already, start it there and archive its new timeline"]
+    if candidate is not None:
+        report.plan += [f"rebuild the replicas {', '.join(r.address for r in cluster.replicas)} from "
+                        f"{cluster.primary.address} unless they stream from it on its timeline"] if cluster.replicas else []
+        report.plan += [f"post-checks at {cluster.primary.address}: {len(queries)} verification queries",
+                        "take a fresh full backup" if take_backup_after else "no backup afterwards (take_backup_after off)"]
+    report.outcome = "DryRun"
+    report.summary = (f"Dry run: the promotion of incident {report.incident_id} was journalled ({progress}); a real "
+                      f"run would {verb} it. Nothing was changed.")
+    return Completed(name="DryRun", message=report.summary)
+
+
+def _rebuild_replicas(cluster: PostgresCluster, report: RecoveryReport) -> None:
+    """Put every replica on the restored primary's timeline: the old ones still replay the abandoned history."""
+    with report.step("Rebuild the replicas from the restored primary") as step:
+        outcomes, failed = [], 0
+        for inst in cluster.replicas:
+            try:
+                done = rebuild_replica(cluster, inst.port)
+                outcomes.append(f"{done.address}: {done.method}"
+                                + (f", old data directory kept at {done.moved_aside}" if done.moved_aside else ""))
+            except (RecoveryError, TimeoutError) as exc:  # the primary serves; a replica left behind is an action item
+                failed += 1
+                outcomes.append(f"{inst.address}: NOT rebuilt: {exc}")
+                report.action_items.append(f"rebuild {inst.address} from {cluster.primary.address}: it is not on the "
+                                           f"restored primary's timeline and is no promotion candidate ({exc})")
+        report.facts["replicas after the restore"] = outcomes
+        step.outcome = "ok" if not failed else "failed"
+        step.detail = "; ".join(outcomes)
 
 
 def _record_resumed(report: RecoveryReport, cluster: PostgresCluster, marker: dict, already: bool) -> None:

@@ -17,7 +17,7 @@ import hashlib
 import re
 from datetime import datetime, timedelta, timezone
 
-from prefect import flow, get_run_logger, runtime
+from prefect import get_run_logger, runtime
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.variables import Variable
 from pydantic import Field
@@ -25,11 +25,13 @@ from pydantic import Field
 from blocks import PostgresCluster, RecoveryObjectives
 from blocks.errors import InvalidInput, PostgresError
 from blocks.kubernetes import KubernetesTarget
+from flows.runbook.parameters import check_parameters, recovery_flow
 from tasks.approval import ApprovalDecision, ApprovalPolicy, approval_step, check_approval_settings
 from tasks.estate import load_block
 from tasks.evidence import RecoveryReport, publish_evidence, utcnow
 from tasks.kubernetes import read_replicas, restart_rollout, set_app_secret
 from tasks.locks import recovery_lock
+from tasks.postgres import check_database_inputs
 from tasks.replication import (
     fence_old_primary,
     list_writers,
@@ -156,7 +158,7 @@ def finish_refused(report: RecoveryReport, name: str, message: str) -> State:
     return Failed(name=name, message=message)
 
 
-@flow(name="database-server-failover", description="Promote the healthiest replica within the RPO and repoint the apps.")
+@recovery_flow(name="database-server-failover", description="Promote the healthiest replica within the RPO and repoint the apps.")
 def db_failover(
     cluster_block: str,
     failed_port: int | None = None,
@@ -211,6 +213,7 @@ def db_failover(
     )
     try:
         with report.step("Preflight: validate inputs") as step:
+            check_parameters()
             if detected.tzinfo is None:
                 raise InvalidInput(f"incident_detected_at {detected.isoformat()} has no time zone")
             if detected > started:
@@ -233,6 +236,12 @@ def db_failover(
                     read_replicas(kube, name)  # an unknown deployment is refused here, before any change
             elif database_secret or restarts:
                 raise InvalidInput("database_secret and restart_deployments need kubernetes_target")
+            if smoke_queries:
+                # Parsed and planned (never run) on a server that answers, before anything changes.
+                probe = next((i.port for i in cluster.instances() if i.port != failed.port and cluster.is_reachable(i.port)),
+                             None)
+                if probe is not None:
+                    check_database_inputs(cluster, smoke_queries=list(smoke_queries), port=probe)
             report.incident_id = incident_id or failover_key(f"{cluster_block}-{failed.port}", detected)
             step.detail = f"failed server {failed.address}; incident {report.incident_id}"
 
@@ -242,7 +251,7 @@ def db_failover(
                               list(smoke_queries or []), report, objective.rpo_seconds, approval_policy, approvers,
                               approval_timeout_seconds, approval_poll_seconds, dry_run)
     except BaseException as exc:
-        report.outcome = "Refused" if isinstance(exc, InvalidInput) else "Failed"
+        report.outcome = report.outcome_for(exc)
         report.summary = report.summary or f"The failover stopped: {exc}"
         raise
     finally:
@@ -280,6 +289,14 @@ def _fail_over(cluster, failed_port, kube, secret, secret_key, restarts, queries
                 step.outcome, step.detail = "failed", "no reachable replica"
                 return finish_refused(report, "NoCandidate",
                                       f"No replica of {report.target} answers; nothing to promote.")
+            off_timeline = [lag for lag in lags if not lag.on_history]
+            if off_timeline:
+                report.facts["not promotion candidates"] = [lag.detail for lag in off_timeline]
+            if len(off_timeline) == len(lags):
+                step.outcome, step.detail = "failed", "; ".join(lag.detail for lag in off_timeline)
+                return finish_refused(report, "NoCandidate",
+                                      f"No replica of {report.target} is on the primary's timeline: "
+                                      f"{'; '.join(lag.detail for lag in off_timeline)}. Nothing was changed.")
             best = lags[0]
             chosen = best.port
             lag_within = best.within(rpo)
@@ -300,6 +317,10 @@ def _fail_over(cluster, failed_port, kube, secret, secret_key, restarts, queries
         plan.append(f"secret {kube.namespace}/{secret} key {secret_key}: current DSN -> {new_dsn}")
     plan += [f"deployment {kube.namespace}/{name}: rollout restart" for name in restarts] if kube else []
     plan.append(f"verify {new.address} takes writes and answers {len(queries)} queries")
+    if writers and dry_run:
+        plan.insert(0, f"the promotion of {new.address} was journalled by an earlier run of incident "
+                       f"{journal.get('incident_id') or report.incident_id}: a real run would confirm it, promote "
+                       "nothing twice and finish the steps below")
     report.plan = plan
     if dry_run:
         report.outcome = "DryRun"

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 
-from prefect import flow, get_run_logger, runtime
+from prefect import get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, Failed, State
 
 from blocks.errors import InvalidInput
+from flows.runbook.parameters import check_parameters, recovery_flow
 from tasks.evidence import utcnow
 from tasks.notify import initial_alert, send_notification
 
@@ -61,7 +62,7 @@ def drill_test_report(result: dict, test_id: str, date: str) -> dict:
     }
 
 
-@flow(name="dr-drill", description="Inject a fault into the sandbox, run its recovery as a subflow, measure RTO/RPO, report.")
+@recovery_flow(name="dr-drill", description="Inject a fault into the sandbox, run its recovery as a subflow, measure RTO/RPO, report.")
 def dr_drill(scenario: str = "all", rows: int = 100_000, notifier: str | None = None) -> State:
     """Run one registered drill, or every one with ``scenario='all'``.
 
@@ -77,6 +78,7 @@ def dr_drill(scenario: str = "all", rows: int = 100_000, notifier: str | None = 
     from sandbox import drills
 
     logger = get_run_logger()
+    check_parameters()
     names = list(drills.DRILLS) if scenario == "all" else [scenario]
     unknown = [n for n in names if n not in drills.DRILLS]
     if unknown:

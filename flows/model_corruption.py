@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime, timezone
 
-from prefect import flow, get_run_logger, runtime
+from prefect import get_run_logger, runtime
 from prefect.states import Cancelled, Completed, Failed, State
 
 from blocks import RecoveryObjectives
@@ -26,6 +26,7 @@ from blocks.errors import InvalidInput
 from blocks.kubernetes import KubernetesTarget
 from blocks.models import ModelRegistry, check_name
 from blocks.postgres import CheckResult
+from flows.runbook.parameters import check_parameters, recovery_flow
 from tasks.approval import ApprovalPolicy, approval_step, check_approval_settings
 from tasks.estate import load_block
 from tasks.evidence import RecoveryReport, publish_evidence, utcnow
@@ -67,7 +68,7 @@ def _preview(report: RecoveryReport, model: str, version: str, previous: str | N
     return "\n".join(lines)
 
 
-@flow(name="model-corruption-recovery",
+@recovery_flow(name="model-corruption-recovery",
       description="Restore a sha256-verified model version, check it on golden inputs, approve, promote, restart serving.")
 def model_corruption(
     registry_block: str,
@@ -126,6 +127,7 @@ def model_corruption(
     )
     try:
         with report.step("Preflight: validate inputs") as step:
+            check_parameters()
             if detected.tzinfo is None:
                 raise InvalidInput(f"incident_detected_at {detected.isoformat()} has no time zone; give a UTC offset")
             if detected > started:
@@ -168,7 +170,7 @@ def model_corruption(
                             delete_training_jobs, deployments, rollout_timeout_seconds, approval_policy, approvers,
                             approval_timeout_seconds, approval_poll_seconds, dry_run)
     except BaseException as exc:
-        report.outcome = "Refused" if isinstance(exc, InvalidInput) else "Failed"
+        report.outcome = report.outcome_for(exc)
         report.summary = report.summary or f"The recovery stopped: {exc}"
         raise
     finally:

@@ -25,7 +25,7 @@ import random
 from datetime import datetime, timezone
 from typing import Literal
 
-from prefect import flow, get_run_logger, runtime
+from prefect import get_run_logger, runtime
 from prefect.states import Cancelled, Completed, Failed, State
 from pydantic import SecretStr
 
@@ -33,6 +33,7 @@ from blocks import CheckResult, RecoveryObjectives
 from blocks.errors import InvalidInput
 from blocks.kubernetes import KubernetesTarget
 from blocks.object_store import ObjectStore, ObjectStoreError, ReplicaComparison, RestorePlan
+from flows.runbook.parameters import check_parameters, recovery_flow
 from tasks.approval import ApprovalPolicy, approval_step, check_approval_settings
 from tasks.estate import load_block
 from tasks.evidence import RecoveryReport, StepRecord, publish_evidence, utcnow
@@ -74,7 +75,7 @@ def _require_aware(name: str, moment: datetime | None, now: datetime) -> None:
         raise InvalidInput(f"{name} {moment.isoformat()} is in the future (now {now.isoformat()})")
 
 
-@flow(name="object-storage-recovery",
+@recovery_flow(name="object-storage-recovery",
       description="Check the replica of a bucket, fail over to it, or restore a prefix to its versions as of a time.")
 def object_storage_recovery(
     store_block: str,
@@ -141,6 +142,7 @@ def object_storage_recovery(
         report.facts["run_kind"] = "assurance"  # a scheduled check, not a recovery: KPIs do not count it
     try:
         with report.step("Preflight: validate inputs") as step:
+            check_parameters()
             if mode not in ("verify-replica", "failover", "restore-prefix"):
                 raise InvalidInput(f"mode {mode!r} is not 'verify-replica', 'failover' or 'restore-prefix'")
             _require_aware("incident_detected_at", incident_detected_at, started)
@@ -191,7 +193,7 @@ def object_storage_recovery(
                              list(restart_deployments or []), rollout_timeout_seconds, verify_sample, approval_policy,
                              approvers, approval_timeout_seconds, approval_poll_seconds, dry_run)
     except BaseException as exc:
-        report.outcome = "Refused" if isinstance(exc, InvalidInput) else "Failed"
+        report.outcome = report.outcome_for(exc)
         report.summary = report.summary or f"The recovery stopped: {exc}"
         raise
     finally:
@@ -384,6 +386,11 @@ def _failover(store: ObjectStore, kube: KubernetesTarget, report: RecoveryReport
              for d in pending]
     plan += [f"wait at most {rollout_timeout:g} s for deployment {kube.namespace}/{d} to be ready" for d in deployments]
     plan.append(f"read {verify_sample} objects under {prefix!r} back from {replica_bucket} at {endpoint}")
+    if dry_run and (len(to_set) < len(wanted) or len(pending) < len(deployments)):
+        plan.insert(0, f"failover partly done already: {len(wanted) - len(to_set)} of {len(wanted)} keys of secret "
+                       f"{kube.namespace}/{secret_name} hold the replica, {len(deployments) - len(pending)} of "
+                       f"{len(deployments)} deployments were restarted for it; a real run would redo none of it and "
+                       "finish the steps below")
     report.plan = plan
     if dry_run:
         report.outcome = "DryRun"

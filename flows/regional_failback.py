@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from datetime import datetime
 
-from prefect import flow, runtime
+from prefect import runtime
 from prefect.states import Completed, Failed, State
 
 from blocks import RecoveryObjectives
@@ -25,6 +25,7 @@ from blocks.errors import InvalidInput
 from blocks.postgres import CheckResult
 from flows.db_failover import clear_journal, decide, failover_key, finish_refused, read_journal, write_journal
 from flows.regional_failover import Estate, hold_locks, load_estate, scale_in_tiers, scale_plan, step_seconds
+from flows.runbook.parameters import check_parameters, recovery_flow
 from tasks.approval import ApprovalPolicy, check_approval_settings
 from tasks.dns import check_dns_zone, cutover_dns, plan_dns_cutover, read_dns_targets
 from tasks.estate import load_block
@@ -44,7 +45,7 @@ from tasks.smoke import smoke_test_http, smoke_test_sql
 SCENARIO = "regional-failback"
 
 
-@flow(name="regional-failback", description="Return the estate to its primary region: resync, switch back, reverse DNS.")
+@recovery_flow(name="regional-failback", description="Return the estate to its primary region: resync, switch back, reverse DNS.")
 def regional_failback(
     primary_region: str,
     dr_region: str,
@@ -102,6 +103,7 @@ def regional_failback(
     )
     try:
         with report.step("Declare: validate the estate") as step:
+            check_parameters()
             if detected.tzinfo is None:
                 raise InvalidInput(f"incident_detected_at {detected.isoformat()} has no time zone")
             if not isinstance(health_failures, int) or health_failures < 1:
@@ -128,7 +130,7 @@ def regional_failback(
                               allow_clone, list(smoke_queries or []), rollout_timeout_seconds, approval_policy,
                               approvers, approval_timeout_seconds, approval_poll_seconds, dry_run)
     except BaseException as exc:
-        report.outcome = "Refused" if isinstance(exc, InvalidInput) else "Failed"
+        report.outcome = report.outcome_for(exc)
         report.summary = report.summary or f"The failback stopped: {exc}"
         raise
     finally:
@@ -183,6 +185,12 @@ def _fail_back(estate: Estate, report: RecoveryReport, rpo: int, health_failures
         up_rows = scale_plan(estate.primary_kube, primary, "declared")
         down_rows = scale_plan(estate.dr_kube, dr, "standby")
         plan = []
+        if switched and dry_run:
+            plan.append(f"switch journalled: {home_address} is already the primary, switched back by an earlier run; "
+                        "a real run would confirm it, switch nothing twice and finish the steps below")
+        elif journal.get("failback") == "started" and dry_run:
+            plan.append(f"a failback of this estate was started by an earlier run (journalled, incident "
+                        f"{journal.get('failback_incident_id', '-')}): a real run would finish it")
         if resync_needed:
             plan.append(f"database {home_address}: {roles[home]} -> standby of {away_address} "
                         f"(pg_rewind{', else a fresh clone with the old data directory moved aside' if allow_clone else ''})")

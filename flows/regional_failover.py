@@ -25,7 +25,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
 
-from prefect import flow, get_run_logger, runtime
+from prefect import get_run_logger, runtime
 from prefect.states import Completed, Failed, State
 
 from blocks import PostgresCluster, RecoveryObjectives
@@ -43,6 +43,7 @@ from flows.db_failover import (
     read_journal,
     write_journal,
 )
+from flows.runbook.parameters import check_parameters, recovery_flow
 from tasks.approval import ApprovalPolicy, check_approval_settings
 from tasks.dns import check_dns_zone, cutover_dns, plan_dns_cutover
 from tasks.estate import load_block
@@ -50,6 +51,7 @@ from tasks.evidence import RecoveryReport, publish_evidence, utcnow
 from tasks.health import probe_health
 from tasks.kubernetes import read_replicas, restart_rollout, scale_deployment, set_app_secret, wait_for_rollout
 from tasks.locks import recovery_lock
+from tasks.postgres import check_database_inputs
 from tasks.rds import check_rds_promoted, describe_rds_instance, promote_rds_replica, read_rds_replica_lag
 from tasks.replication import fence_old_primary, list_writers, measure_replica_lag, promote_replica, read_roles
 from tasks.smoke import smoke_test_http, smoke_test_sql
@@ -125,11 +127,15 @@ def load_estate(primary_region: str, dr_region: str, dns_zone: str, dns_ttl_seco
 
 
 def hold_locks(estate: Estate, wait_seconds: float) -> ExitStack:
-    """One failover or failback per estate (and per database) at a time."""
-    stack = ExitStack()
-    for target in estate.lock_targets:
-        stack.enter_context(recovery_lock(target, wait_seconds, runtime.flow_run.id))
-    return stack
+    """One failover or failback per estate (and per database) at a time.
+
+    Either every lock is held by the returned stack, or none is: a lock that cannot be taken
+    releases the ones taken before it.
+    """
+    with ExitStack() as stack:
+        for target in estate.lock_targets:
+            stack.enter_context(recovery_lock(target, wait_seconds, runtime.flow_run.id))
+        return stack.pop_all()
 
 
 def scale_plan(kube: KubernetesTarget | None, region: Region, to: str) -> list[tuple[int, str, int, int]]:
@@ -165,7 +171,7 @@ def step_seconds(report: RecoveryReport) -> dict[str, float]:
     return {s.step: round((s.end - s.start).total_seconds(), 3) for s in report.steps if s.end}
 
 
-@flow(name="regional-failover", description="Fail the estate over to the DR region: database, workloads, DNS.")
+@recovery_flow(name="regional-failover", description="Fail the estate over to the DR region: database, workloads, DNS.")
 def regional_failover(
     primary_region: str,
     dr_region: str,
@@ -226,6 +232,7 @@ def regional_failover(
     )
     try:
         with report.step("Declare: validate the estate") as step:
+            check_parameters()
             if detected.tzinfo is None:
                 raise InvalidInput(f"incident_detected_at {detected.isoformat()} has no time zone")
             if detected > started:
@@ -253,7 +260,7 @@ def regional_failover(
                               rollout_timeout_seconds, approval_policy, approvers, approval_timeout_seconds,
                               approval_poll_seconds, dry_run)
     except BaseException as exc:
-        report.outcome = "Refused" if isinstance(exc, InvalidInput) else "Failed"
+        report.outcome = report.outcome_for(exc)
         report.summary = report.summary or f"The failover stopped: {exc}"
         raise
     finally:
@@ -304,11 +311,18 @@ def _fail_over(estate: Estate, report: RecoveryReport, rpo: int, health_failures
                                       f"The DR database is {dr_role}, not a standby to promote; nothing was changed.")
             else:
                 lag = measure_replica_lag(cluster, dr.postgres_port, primary.postgres_port, lost_at)
+                if not lag.on_history:
+                    step.outcome, step.detail = "failed", lag.detail
+                    return finish_refused(report, "DrDatabaseOffTimeline",
+                                          f"The DR database is not a promotion candidate: {lag.detail}. Nothing was "
+                                          "changed.")
                 lag_within, lag_text = lag.within(rpo), lag.detail
                 report.rpo_seconds, report.last_restored_commit = lag.seconds, lag.last_replayed_commit
                 report.facts["replica lag"] = {"bytes": lag.bytes, "seconds": lag.seconds, "measured_from": lag.measured_from}
             old_address = cluster.instance_at(primary.postgres_port).address
             new_address = cluster.instance_at(dr.postgres_port).address
+            if queries:  # parsed and planned on the DR database (never run), before anything changes
+                check_database_inputs(cluster, smoke_queries=queries, port=dr.postgres_port)
         else:
             try:
                 old = describe_rds_instance(estate.rds, estate.rds.instance_identifier)
@@ -343,6 +357,10 @@ def _fail_over(estate: Estate, report: RecoveryReport, rpo: int, health_failures
         dns_plan = plan_dns_cutover(zone, zone.secondary_target)
         scale_rows = scale_plan(estate.dr_kube, dr, "declared")
         plan = []
+        if resumed and dry_run:
+            plan.append(f"promotion journalled: {new_address} is already the primary, promoted by an earlier run; a "
+                        "real run would " + (f"fence {old_address} again, " if estate.cluster is not None else "")
+                        + "promote nothing twice and finish the steps below")
         if not resumed:
             plan.append(f"database {old_address}: {old_role} -> "
                         + ("unreachable (recorded, nothing to fence)" if old_role in ("unreachable",) else "fenced and stopped"))

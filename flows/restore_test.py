@@ -11,12 +11,13 @@ Runbook (continuity plans: "Testing Schedule & Procedures" - restoration test; "
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, runtime
+from prefect import get_run_logger, runtime
 from prefect.states import Completed, Failed, State
 
 from blocks import PostgresCluster, RecoveryObjectives, VerificationQuery
 from blocks.errors import InvalidInput
 from blocks.backup_sources import BackupCheck
+from flows.runbook.parameters import check_parameters, recovery_flow
 from tasks.backups import (
     check_primary_reachable,
     compare_with_source,
@@ -32,7 +33,7 @@ from tasks.postgres import archive_current_wal, measure_data_loss, restore_to_po
 SCENARIO = "restore-test"
 
 
-@flow(name="restore-test", description="Restore the latest backup into a scratch instance, compare with the source, clean up.")
+@recovery_flow(name="restore-test", description="Restore the latest backup into a scratch instance, compare with the source, clean up.")
 def restore_test(
     cluster_block: str,
     row_count_tables: list[str] | None = None,
@@ -64,6 +65,7 @@ def restore_test(
     cluster = None
     try:
         with report.step("Preflight: source reachable, tables exist") as step:
+            check_parameters()
             objectives = load_block(RecoveryObjectives, objectives_block,
                                     default=RecoveryObjectives() if objectives_block == "default" else None)
             objective = objectives.for_function(business_function)
@@ -107,7 +109,7 @@ def restore_test(
             report.summary = (f"Backup {candidate.backup_set} of {cluster_block} restored in {report.rto_seconds:.1f} s "
                               f"and matched the source on {len(report.checks)} checks.")
     except BaseException as exc:
-        report.outcome = "Refused" if isinstance(exc, InvalidInput) else "Failed"
+        report.outcome = report.outcome_for(exc)
         report.summary = f"The restore test stopped: {exc}"
         raise
     finally:

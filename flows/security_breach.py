@@ -32,7 +32,7 @@ import re
 import shutil
 from datetime import datetime, timedelta, timezone
 
-from prefect import flow, get_run_logger, runtime
+from prefect import get_run_logger, runtime
 from prefect.states import Cancelled, Completed, Failed, State
 from pydantic import BaseModel, Field
 
@@ -42,6 +42,7 @@ from blocks.errors import InvalidInput, RecoveryError
 from blocks.evidence_vault import EvidenceVault
 from blocks.kubernetes import KubernetesTarget
 from blocks.postgres import CheckResult
+from flows.runbook.parameters import check_parameters, recovery_flow
 from tasks.approval import ApprovalPolicy, approval_step, check_approval_settings
 from tasks.aws import (
     check_access_keys_revoked,
@@ -87,6 +88,7 @@ from tasks.locks import recovery_lock
 from tasks.postgres import (
     archive_current_wal,
     RecoverableWindow,
+    check_database_inputs,
     check_endpoint,
     check_target_in_window,
     fence_writes,
@@ -314,7 +316,8 @@ def _plan(estate: Estate, ind: BreachIndicators, names: Names, keys: dict[str, l
         for key in list_access_keys(estate.iam, user):
             if key.access_key_id in key_ids:
                 plan.append(f"IAM {user}: access key {key.access_key_id} {key.status} -> Inactive")
-    if known_good:
+    progress = cluster.promotion_progress(incident_id) if known_good else None
+    if known_good and progress is None:
         plan.append(f"fence writes on {cluster.primary.address}: connection limit 0 on every database, "
                     "default_transaction_read_only=on, end client sessions; writes stay refused until promotion")
     plan.append(f"evidence: dump of {cluster.database}, server logs, ended sessions of the compromised roles"
@@ -328,7 +331,11 @@ def _plan(estate: Estate, ind: BreachIndicators, names: Names, keys: dict[str, l
     for item in ind.secrets:
         plan.append(f"secret {item.secrets_manager_id}: current value -> new random value"
                     + (f", mirrored in Secret block {item.prefect_secret_block}" if item.prefect_secret_block else ""))
-    if known_good:
+    if progress is not None:
+        plan.append(f"the promotion of incident {incident_id} was journalled ({progress}): "
+                    f"{'confirm' if progress == 'promoted' else 'finish'} it; fence nothing and restore nothing again; "
+                    f"{cluster.primary.data_directory}.replaced-{incident_id} stays kept")
+    elif known_good:
         plan.append(f"restore {known_good.describe()} into {cluster.candidate_directory(incident_id)}, "
                     "with the rotated role passwords")
         plan.append("ask " + (", ".join(approvers) if policy == "required" else "nobody (auto, drill)") + " to approve")
@@ -340,7 +347,7 @@ def _plan(estate: Estate, ind: BreachIndicators, names: Names, keys: dict[str, l
     return plan
 
 
-@flow(name="security-breach-response",
+@recovery_flow(name="security-breach-response",
       description="Contain a breach, preserve write-once evidence, rotate credentials, restore from before the breach, harden.")
 def security_breach(
     cluster_block: str,
@@ -419,6 +426,7 @@ def security_breach(
     names = Names(credential_prefix, secret_block_prefix, network_policy_prefix)
     try:
         with report.step("Preflight: validate inputs and indicators") as step:
+            check_parameters()
             require_aware("breach_started_at", breach_started_at)
             require_aware("incident_detected_at", detected)
             refuse_future("breach_started_at", breach_started_at, started)
@@ -449,6 +457,9 @@ def security_breach(
                 raise InvalidInput(f"cluster {cluster_block!r}: primary {cluster.primary.address} is unreachable")
             found = _preflight(estate, indicators, names, breach_started_at, restore_database,
                                evidence_retention_days, workload_label, dry_run)
+            if restore_database:
+                check_database_inputs(estate.cluster, verification_queries=list(verification_queries or []),
+                                      row_count_tables=list(row_count_tables or []))
             if found.window is not None:
                 report.recoverable_window = found.window.as_dict()
                 report.recovery_target = found.known_good.target.isoformat()
@@ -470,7 +481,7 @@ def security_breach(
                             list(verification_queries or []), list(row_count_tables or []),
                             approval_policy, approvers, approval_timeout_seconds, approval_poll_seconds)
     except BaseException as exc:
-        report.outcome = "Refused" if isinstance(exc, InvalidInput) else "Failed"
+        report.outcome = report.outcome_for(exc)
         report.summary = report.summary or f"The response stopped: {exc}"
         raise
     finally:
@@ -679,7 +690,11 @@ def _restore(
                        f"{known_good.describe()}")
 
     with report.step("Verify the restored instance") as step:
-        checks = verify_restored_instance(cluster, candidate.port, tables, queries)
+        try:
+            checks = verify_restored_instance(cluster, candidate.port, tables, queries)
+        except Exception:
+            stop_restored_instance(cluster, candidate)  # a candidate that could not be verified is not left running
+            raise
         # Every commit the old primary took until writes were fenced is discarded by the restore.
         loss = measure_data_loss(cluster, candidate.port, fenced_at)
         last = loss.last_restored_commit

@@ -20,13 +20,14 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Literal
 
-from prefect import flow, get_run_logger, runtime
+from prefect import get_run_logger, runtime
 from prefect.states import Cancelled, Completed, Failed, State
 
 from blocks import PostgresCluster, RecoveryObjectives
 from blocks.errors import InvalidInput
 from blocks.postgres import CheckResult
 from blocks.qdrant import DISTANCES, EmbeddingTable, QdrantCluster, StoredBackup, check_name
+from flows.runbook.parameters import check_parameters, recovery_flow
 from tasks.approval import ApprovalPolicy, approval_step, check_approval_settings
 from tasks.estate import load_block
 from tasks.evidence import RecoveryReport, publish_evidence, utcnow
@@ -76,7 +77,7 @@ def _preview(report: RecoveryReport, alias: str, current: str | None, collection
     return "\n".join(lines)
 
 
-@flow(name="vector-db-recovery",
+@recovery_flow(name="vector-db-recovery",
       description="Rebuild a Qdrant collection beside the broken one (re-index, import or snapshot), verify, switch the alias.")
 def vector_db_recovery(
     qdrant_block: str,
@@ -141,6 +142,7 @@ def vector_db_recovery(
     )
     try:
         with report.step("Preflight: validate inputs") as step:
+            check_parameters()
             if detected.tzinfo is None:
                 raise InvalidInput(f"incident_detected_at {detected.isoformat()} has no time zone; give a UTC offset")
             if detected > started:
@@ -195,7 +197,7 @@ def vector_db_recovery(
                             int(vector_size), chosen_distance, sample_queries, min_recall, k, batch_size,
                             approval_policy, approvers, approval_timeout_seconds, approval_poll_seconds, dry_run)
     except BaseException as exc:
-        report.outcome = "Refused" if isinstance(exc, InvalidInput) else "Failed"
+        report.outcome = report.outcome_for(exc)
         report.summary = report.summary or f"The recovery stopped: {exc}"
         raise
     finally:
@@ -248,6 +250,14 @@ def _recover(report: RecoveryReport, qdrant: QdrantCluster, alias: str, strategy
     if current == collection:
         with report.step("Resume: alias already switched") as step:
             step.detail = f"{alias} points to {collection} since an earlier run of this incident"
+        if dry_run:
+            report.plan = [f"alias {alias} already points to {collection}, switched by an earlier run of incident "
+                           f"{report.incident_id}: a real run would rebuild and switch nothing",
+                           f"post-checks through {alias}: it serves {collection} and holds as many points as the source"]
+            report.outcome = "DryRun"
+            report.summary = (f"Dry run: {alias} was already switched to {collection} for {report.incident_id}; "
+                              "a real run would only confirm it. Nothing was changed.")
+            return Completed(name="DryRun", message=report.summary)
         report.promotion = {"alias": alias, "previous": None, "current": collection, "already": True}
     else:
         report.plan = [
@@ -367,7 +377,7 @@ def _verify(report: RecoveryReport, qdrant: QdrantCluster, collection: str, stra
     return checks
 
 
-@flow(name="vector-db-backup", description="Export (or snapshot) a Qdrant collection to the backup bucket with its checksum.")
+@recovery_flow(name="vector-db-backup", description="Export (or snapshot) a Qdrant collection to the backup bucket with its checksum.")
 def vector_db_backup(qdrant_block: str, collection: str, kind: Literal["export", "snapshot"] = "export") -> dict:
     """Write a portable export, or a server snapshot, of a collection or alias to the backup bucket.
 
@@ -376,6 +386,7 @@ def vector_db_backup(qdrant_block: str, collection: str, kind: Literal["export",
         collection: collection or alias to back up; backups are filed under this name.
         kind: 'export' (portable, works with embedded Qdrant) or 'snapshot' (Qdrant server only).
     """
+    check_parameters()
     if kind not in ("export", "snapshot"):
         raise InvalidInput(f"kind {kind!r} is not 'export' or 'snapshot'")
     check_name("collection", collection)

@@ -55,6 +55,11 @@ class CheckRecord(BaseModel):
     stage: str = ""
 
 
+# Steps that only read: a refusal during them leaves the estate as it was.
+READ_ONLY_STEPS = ("Preflight", "Declare", "Health evidence", "Assess the", "Plan ", "Rank the", "Measure", "Inspect",
+                   "Identify", "Read the applications", "Replication lag", "Compare the replica", "Database evidence")
+
+
 class RecoveryReport(BaseModel):
     """Everything an auditor needs about one recovery run."""
 
@@ -120,6 +125,16 @@ class RecoveryReport(BaseModel):
         record.end = utcnow()
         if record.outcome == "running":
             record.outcome = "ok"
+
+    def changed_anything(self) -> bool:
+        """Whether a step that may change the estate has started (every step but the read-only ones)."""
+        return any(not s.step.startswith(READ_ONLY_STEPS) for s in self.steps)
+
+    def outcome_for(self, exc: BaseException) -> str:
+        """The outcome of a run that stopped on ``exc``: Refused only when it stopped before any change."""
+        from blocks.errors import InvalidInput
+
+        return "Refused" if isinstance(exc, InvalidInput) and not self.changed_anything() else "Failed"
 
     def timeline_rows(self) -> list[dict]:
         return [

@@ -172,7 +172,7 @@ def test_no_previous_revision_is_refused_before_any_change(kube, prefect_api):
 @pytest.mark.parametrize("params,message", [
     ({"deployment": "missing"}, "'missing' does not exist"),
     ({"deployment": "shop", "approval_policy": "auto"}, "allowed only for drills"),
-    ({"deployment": "shop", "to_revision": 0}, "must be a revision number"),
+    ({"deployment": "shop", "to_revision": 0}, "to_revision=0 (out of range); expected an integer from 1"),
     ({"deployment": "shop", "to_revision": 7}, "has no revision 7"),
     ({"deployment": "shop", "health_consecutive_required": 3, "health_window_seconds": 1,
       "health_interval_seconds": 1}, "(results - 1) x interval <= window"),

@@ -89,7 +89,8 @@ def test_failed_verification_does_not_promote(cluster):
 
 @pytest.mark.parametrize(
     "case",
-    ["naive", "future", "before-earliest", "unknown-restore-point", "unknown-block", "unreachable", "auto-outside-drill"],
+    ["naive", "future", "before-earliest", "unknown-restore-point", "unknown-block", "unreachable", "auto-outside-drill",
+     "poll-zero", "lock-wait-negative", "timeout-huge", "incident-id-newline"],
 )
 def test_bad_inputs_are_refused_before_any_change(cluster, case):
     name, block, pg = cluster
@@ -115,6 +116,18 @@ def test_bad_inputs_are_refused_before_any_change(cluster, case):
     elif case == "auto-outside-drill":
         params["drill"] = False
         expected = "'auto'"
+    elif case == "poll-zero":
+        params["approval_poll_seconds"] = 0
+        expected = "approval_poll_seconds=0 (out of range); expected a number of seconds from 0.1 to 60"
+    elif case == "lock-wait-negative":
+        params["lock_wait_seconds"] = -1
+        expected = "lock_wait_seconds=-1 (out of range)"
+    elif case == "timeout-huge":
+        params["approval_timeout_seconds"] = 10**12
+        expected = "approval_timeout_seconds=1000000000000 (out of range)"
+    elif case == "incident-id-newline":
+        params["incident_id"] = "inc-42\n"
+        expected = "incident_id='inc-42\\n' (malformed)"
     state = run(name, **params)
     assert state.is_failed()
     message = str(state.message) + str(load_report(state.state_details.flow_run_id).summary)

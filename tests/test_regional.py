@@ -63,7 +63,7 @@ class TwoRegions:
 
     def params(self, **extra) -> dict:
         params = dict(primary_region=self.primary, dr_region=self.dr, dns_zone=self.zone, health_failures=2,
-                      health_window_seconds=0.4, rollout_timeout_seconds=30, approval_policy="auto", drill=True,
+                      health_window_seconds=2, rollout_timeout_seconds=30, approval_policy="auto", drill=True,
                       lock_wait_seconds=5)
         params.update(extra)
         return params
@@ -276,8 +276,10 @@ def test_bad_inputs_are_refused_before_any_change(regions: TwoRegions):
     cases = [
         ({"dr_region": "no-such-region"}, "no Region block named 'no-such-region'"),
         ({"dr_region": r.primary}, "the primary and the DR region are the same"),
-        ({"dns_ttl_seconds": 0}, "DNS TTL 0 s must be a positive"),
-        ({"health_failures": 0}, "health_failures 0"),
+        ({"dns_ttl_seconds": 0}, "dns_ttl_seconds=0 (out of range)"),
+        ({"health_failures": 0}, "health_failures=0 (out of range)"),
+        ({"rollout_timeout_seconds": 0}, "rollout_timeout_seconds=0 (out of range)"),
+        ({"approval_poll_seconds": 0}, "approval_poll_seconds=0 (out of range)"),
     ]
     for change, message in cases:
         state, report = run(regional_failover, **r.params(**change))

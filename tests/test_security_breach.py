@@ -116,6 +116,9 @@ def _bad_inputs(estate: BreachedEstate) -> dict[str, tuple[dict, str]]:
                                                indicators=estate.indicators(workloads=[estate.workload,
                                                                                        estate.workload.upper()])),
                                           "would both use the NetworkPolicy"),
+        "unknown kubernetes kind": (dict(breach_started_at=now - timedelta(minutes=5),
+                                         kubernetes_kinds=["deployments", "secretz"]),
+                                    "kubernetes_kinds=['deployments', 'secretz'] (item 1 'secretz': not a known value)"),
         "revoking the response's own key": (dict(breach_started_at=now - timedelta(minutes=5),
                                                  iam_block=_iam_block_signing_with(estate, estate.old_key_id)),
                                             f"access key {estate.old_key_id} is compromised and is the key iam_block runs with"),
@@ -134,7 +137,7 @@ def _iam_block_signing_with(estate: BreachedEstate, key_id: str) -> str:
 @pytest.mark.parametrize("case", ["breach time in the future", "naive breach time", "unknown principal",
                                   "unknown database role", "unknown workload",
                                   "no backup before the breach", "workloads mapping to one name",
-                                  "revoking the response's own key"])
+                                  "unknown kubernetes kind", "revoking the response's own key"])
 def test_bad_input_is_refused_before_any_change(untouched, case):
     params, expected = _bad_inputs(untouched)[case]
     state = run(untouched, **params)
