@@ -55,9 +55,10 @@ class CheckRecord(BaseModel):
     stage: str = ""
 
 
-# Steps that only read: a refusal during them leaves the estate as it was.
+# Steps that only read the estate (a private local copy aside): a refusal during them leaves it as it was.
 READ_ONLY_STEPS = ("Preflight", "Declare", "Health evidence", "Assess the", "Plan ", "Rank the", "Measure", "Inspect",
-                   "Identify", "Read the applications", "Replication lag", "Compare the replica", "Database evidence")
+                   "Identify", "Read the applications", "Replication lag", "Compare the replica", "Database evidence",
+                   "Restore and sha256-verify")
 
 
 class RecoveryReport(BaseModel):

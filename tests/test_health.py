@@ -101,7 +101,7 @@ def test_the_required_failures_must_fit_in_the_window(servers):
 def test_failures_that_do_not_stay_consecutive_until_the_window_closes(servers):
     flapping = servers([503, 200, 503, 200, 503])
     block = HealthEndpoints(endpoints={"api": flapping.url}, timeout_seconds=1)
-    evidence = block.probe(failures_required=2, window_seconds=0.4, interval_seconds=0.1)
+    evidence = block.probe(failures_required=2, window_seconds=2, interval_seconds=0.5)
     api = evidence.endpoints[0]
     assert [p.ok for p in api.probes] == [False, True, False, True, False]
     assert not api.outage_confirmed and not api.healthy and not evidence.all_healthy

@@ -62,6 +62,7 @@ def state_dir():
     shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.timeout(1500)  # builds the whole sandbox and runs every drill
 def test_up_twice_is_harmless_and_down_leaves_no_process(state_dir):
     root, env = state_dir
     first = subprocess.run([DR, "up"], env=env, capture_output=True, text=True, timeout=600)
