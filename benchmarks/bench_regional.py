@@ -208,7 +208,7 @@ def main() -> None:
 def run_flow(estate: Estate) -> tuple[float, dict[str, float]]:
     """The flow's declaration-to-cutover time: from the call to the end of its DNS cutover step."""
     from flows.regional_failover import regional_failover
-    from tasks.evidence import load_report
+    from runbook.evidence import load_report
 
     called_at = time.time()
     state = regional_failover(primary_region="bench-primary", dr_region="bench-dr", dns_zone="bench-regional",

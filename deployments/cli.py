@@ -302,7 +302,7 @@ def kpis(
     from datetime import datetime, timezone
 
     from blocks.errors import InvalidInput
-    from tasks.kpis import collect_runs, compute_kpis, parse_since, publish_kpis, render_kpis
+    from runbook.kpis import collect_runs, compute_kpis, parse_since, publish_kpis, render_kpis
 
     try:
         start = parse_since(since)
@@ -331,7 +331,7 @@ def report(
     """Rebuild a run's incident report from the Prefect API alone."""
     _use_operator_prefect()
     from blocks.errors import RecoveryError
-    from tasks.evidence import load_report, render_markdown
+    from runbook.evidence import load_report, render_markdown
 
     run_id = _flow_run_id(flow_run_id)
     try:
@@ -361,8 +361,8 @@ def unfence(
 
     from blocks import PostgresCluster
     from blocks.errors import RecoveryError
-    from tasks.estate import load_block
-    from tasks.locks import lock_holder
+    from blocks.loading import load_block
+    from runbook.locks import lock_holder
 
     holder = lock_holder(cluster_block)
     active = holder if holder and not holder["final"] else None
@@ -395,7 +395,7 @@ def unlock(
 ) -> None:
     """Release a recovery lock left behind by a run that died without releasing it."""
     _use_operator_prefect()
-    from tasks.locks import lock_holder, release_lock
+    from runbook.locks import lock_holder, release_lock
 
     holder = lock_holder(target)
     if holder and not holder["final"] and not force:

@@ -25,10 +25,10 @@ from blocks import CheckResult, RecoveryObjectives
 from blocks.errors import InvalidInput
 from blocks.health import HealthEndpoints
 from blocks.kubernetes import KubernetesTarget, RollbackPlan, RolloutNotReady, template_digest
-from flows.runbook.parameters import check_parameters, recovery_flow
-from tasks.approval import approval_step, check_approval_settings
-from tasks.estate import load_block
-from tasks.evidence import RecoveryReport, publish_evidence, utcnow
+from runbook.parameters import check_parameters, recovery_flow
+from runbook.approval import approval_step, check_approval_settings
+from blocks.loading import load_block
+from runbook.evidence import RecoveryReport, publish_evidence, utcnow
 from tasks.health import probe_health
 from tasks.kubernetes import (
     list_deployment_pods,
@@ -39,7 +39,7 @@ from tasks.kubernetes import (
     undo_rollout,
     wait_for_rollout,
 )
-from tasks.locks import recovery_lock
+from runbook.locks import recovery_lock
 
 SCENARIO = "app-rollback"
 INCIDENT_ANNOTATION = "dr-pipelines.io/rollback-incident"

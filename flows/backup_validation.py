@@ -16,9 +16,9 @@ from prefect.states import Completed, Failed, State
 from blocks.backup_sources import BackupCheck, BackupSources
 from blocks.errors import RecoveryError
 from tasks.backups import check_object_backups, check_pgbackrest_backups, publish_backup_checks
-from tasks.estate import load_block
-from flows.runbook.parameters import check_parameters, recovery_flow
-from tasks.evidence import utcnow
+from blocks.loading import load_block
+from runbook.parameters import check_parameters, recovery_flow
+from runbook.evidence import utcnow
 from tasks.notify import initial_alert, send_notification
 
 

@@ -27,11 +27,11 @@ from prefect.states import Cancelled, Completed, Failed, State
 from blocks import CheckResult, RecoveryObjectives
 from blocks.errors import InvalidInput
 from blocks.redis_cache import CacheStats, RedisCache
-from flows.runbook.parameters import check_parameters, recovery_flow
-from tasks.approval import approval_step, check_approval_settings
-from tasks.estate import load_block
-from tasks.evidence import RecoveryReport, publish_evidence, utcnow
-from tasks.locks import recovery_lock
+from runbook.parameters import check_parameters, recovery_flow
+from runbook.approval import approval_step, check_approval_settings
+from blocks.loading import load_block
+from runbook.evidence import RecoveryReport, publish_evidence, utcnow
+from runbook.locks import recovery_lock
 from tasks.redis import flush_cache_db, inspect_cache, measure_cache_latency, ping_cache, sample_cache_stats
 
 SCENARIO = "cache"

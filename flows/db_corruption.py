@@ -22,11 +22,11 @@ from prefect.states import Cancelled, Completed, Failed, State
 
 from blocks import PostgresCluster, RecoveryObjectives, VerificationQuery
 from blocks.errors import InvalidInput, RecoveryError
-from flows.runbook.parameters import check_parameters, recovery_flow
-from tasks.approval import ApprovalPolicy, approval_step, check_approval_settings
-from tasks.estate import load_block
-from tasks.evidence import RecoveryReport, publish_evidence, utcnow
-from tasks.locks import recovery_lock
+from runbook.parameters import check_parameters, recovery_flow
+from runbook.approval import ApprovalPolicy, approval_step, check_approval_settings
+from blocks.loading import load_block
+from runbook.evidence import RecoveryReport, publish_evidence, utcnow
+from runbook.locks import recovery_lock
 from tasks.postgres import (
     archive_current_wal,
     assess_corruption,

@@ -25,12 +25,12 @@ from pydantic import Field
 from blocks import PostgresCluster, RecoveryObjectives
 from blocks.errors import InvalidInput, PostgresError
 from blocks.kubernetes import KubernetesTarget
-from flows.runbook.parameters import check_parameters, recovery_flow
-from tasks.approval import ApprovalDecision, ApprovalPolicy, approval_step, check_approval_settings
-from tasks.estate import load_block
-from tasks.evidence import RecoveryReport, publish_evidence, utcnow
+from runbook.parameters import check_parameters, recovery_flow
+from runbook.approval import ApprovalDecision, ApprovalPolicy, approval_step, check_approval_settings
+from blocks.loading import load_block
+from runbook.evidence import RecoveryReport, publish_evidence, utcnow
 from tasks.kubernetes import read_replicas, restart_rollout, set_app_secret
-from tasks.locks import recovery_lock
+from runbook.locks import recovery_lock
 from tasks.postgres import check_database_inputs
 from tasks.replication import (
     fence_old_primary,

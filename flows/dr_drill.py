@@ -17,8 +17,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, Failed, State
 
 from blocks.errors import InvalidInput
-from flows.runbook.parameters import check_parameters, recovery_flow
-from tasks.evidence import utcnow
+from runbook.parameters import check_parameters, recovery_flow
+from runbook.evidence import utcnow
 from tasks.notify import initial_alert, send_notification
 
 TEST_TYPE = "disaster_recovery_drill"

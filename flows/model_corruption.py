@@ -26,12 +26,12 @@ from blocks.errors import InvalidInput
 from blocks.kubernetes import KubernetesTarget
 from blocks.models import ModelRegistry, check_name
 from blocks.postgres import CheckResult
-from flows.runbook.parameters import check_parameters, recovery_flow
-from tasks.approval import ApprovalPolicy, approval_step, check_approval_settings
-from tasks.estate import load_block
-from tasks.evidence import RecoveryReport, publish_evidence, utcnow
+from runbook.parameters import check_parameters, recovery_flow
+from runbook.approval import ApprovalPolicy, approval_step, check_approval_settings
+from blocks.loading import load_block
+from runbook.evidence import RecoveryReport, publish_evidence, utcnow
 from tasks.kubernetes import restart_rollout, stop_training_jobs, wait_for_rollout
-from tasks.locks import recovery_lock
+from runbook.locks import recovery_lock
 from tasks.models import (
     check_model_function,
     flip_production_pointer,

@@ -33,12 +33,12 @@ from blocks import CheckResult, RecoveryObjectives
 from blocks.errors import InvalidInput
 from blocks.kubernetes import KubernetesTarget
 from blocks.object_store import ObjectStore, ObjectStoreError, ReplicaComparison, RestorePlan
-from flows.runbook.parameters import check_parameters, recovery_flow
-from tasks.approval import ApprovalPolicy, approval_step, check_approval_settings
-from tasks.estate import load_block
-from tasks.evidence import RecoveryReport, StepRecord, publish_evidence, utcnow
+from runbook.parameters import check_parameters, recovery_flow
+from runbook.approval import ApprovalPolicy, approval_step, check_approval_settings
+from blocks.loading import load_block
+from runbook.evidence import RecoveryReport, StepRecord, publish_evidence, utcnow
 from tasks.kubernetes import annotate_deployment, restart_rollout, set_app_secret, wait_for_rollout
-from tasks.locks import recovery_lock
+from runbook.locks import recovery_lock
 from tasks.object_store import (
     apply_prefix_restore,
     compare_replica,

@@ -25,11 +25,11 @@ from blocks.errors import InvalidInput
 from blocks.postgres import CheckResult
 from flows.db_failover import clear_journal, decide, failover_key, finish_refused, read_journal, write_journal
 from flows.regional_failover import Estate, hold_locks, load_estate, scale_in_tiers, scale_plan, step_seconds
-from flows.runbook.parameters import check_parameters, recovery_flow
-from tasks.approval import ApprovalPolicy, check_approval_settings
+from runbook.parameters import check_parameters, recovery_flow
+from runbook.approval import ApprovalPolicy, check_approval_settings
 from tasks.dns import check_dns_zone, cutover_dns, plan_dns_cutover, read_dns_targets
-from tasks.estate import load_block
-from tasks.evidence import RecoveryReport, publish_evidence, utcnow
+from blocks.loading import load_block
+from runbook.evidence import RecoveryReport, publish_evidence, utcnow
 from tasks.health import probe_health
 from tasks.kubernetes import restart_rollout, set_app_secret
 from tasks.replication import (

@@ -43,14 +43,14 @@ from flows.db_failover import (
     read_journal,
     write_journal,
 )
-from flows.runbook.parameters import check_parameters, recovery_flow
-from tasks.approval import ApprovalPolicy, check_approval_settings
+from runbook.parameters import check_parameters, recovery_flow
+from runbook.approval import ApprovalPolicy, check_approval_settings
 from tasks.dns import check_dns_zone, cutover_dns, plan_dns_cutover
-from tasks.estate import load_block
-from tasks.evidence import RecoveryReport, publish_evidence, utcnow
+from blocks.loading import load_block
+from runbook.evidence import RecoveryReport, publish_evidence, utcnow
 from tasks.health import probe_health
 from tasks.kubernetes import read_replicas, restart_rollout, scale_deployment, set_app_secret, wait_for_rollout
-from tasks.locks import recovery_lock
+from runbook.locks import recovery_lock
 from tasks.postgres import check_database_inputs
 from tasks.rds import check_rds_promoted, describe_rds_instance, promote_rds_replica, read_rds_replica_lag
 from tasks.replication import fence_old_primary, list_writers, measure_replica_lag, promote_replica, read_roles

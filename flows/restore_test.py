@@ -17,7 +17,7 @@ from prefect.states import Completed, Failed, State
 from blocks import PostgresCluster, RecoveryObjectives, VerificationQuery
 from blocks.errors import InvalidInput
 from blocks.backup_sources import BackupCheck
-from flows.runbook.parameters import check_parameters, recovery_flow
+from runbook.parameters import check_parameters, recovery_flow
 from tasks.backups import (
     check_primary_reachable,
     compare_with_source,
@@ -25,8 +25,8 @@ from tasks.backups import (
     discard_scratch_instance,
     mark_restore_point,
 )
-from tasks.estate import load_block
-from tasks.evidence import RecoveryReport, publish_evidence, utcnow
+from blocks.loading import load_block
+from runbook.evidence import RecoveryReport, publish_evidence, utcnow
 from tasks.notify import initial_alert, send_notification
 from tasks.postgres import archive_current_wal, measure_data_loss, restore_to_point_in_time, verify_restored_instance
 

@@ -42,8 +42,8 @@ from blocks.errors import InvalidInput, RecoveryError
 from blocks.evidence_vault import EvidenceVault
 from blocks.kubernetes import KubernetesTarget
 from blocks.postgres import CheckResult
-from flows.runbook.parameters import check_parameters, recovery_flow
-from tasks.approval import ApprovalPolicy, approval_step, check_approval_settings
+from runbook.parameters import check_parameters, recovery_flow
+from runbook.approval import ApprovalPolicy, approval_step, check_approval_settings
 from tasks.aws import (
     check_access_keys_revoked,
     check_quarantine,
@@ -70,8 +70,8 @@ from tasks.credentials import (
     rotate_secret,
     secret_exists,
 )
-from tasks.estate import load_block
-from tasks.evidence import RecoveryReport, publish_evidence, utcnow
+from blocks.loading import load_block
+from runbook.evidence import RecoveryReport, publish_evidence, utcnow
 from tasks.forensics import (
     KnownGood,
     check_primary_reachable,
@@ -84,7 +84,7 @@ from tasks.forensics import (
     write_json,
 )
 from tasks.kubernetes import dump_workloads, isolate_workloads
-from tasks.locks import recovery_lock
+from runbook.locks import recovery_lock
 from tasks.postgres import (
     archive_current_wal,
     RecoverableWindow,

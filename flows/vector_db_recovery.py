@@ -27,11 +27,11 @@ from blocks import PostgresCluster, RecoveryObjectives
 from blocks.errors import InvalidInput
 from blocks.postgres import CheckResult
 from blocks.qdrant import DISTANCES, EmbeddingTable, QdrantCluster, StoredBackup, check_name
-from flows.runbook.parameters import check_parameters, recovery_flow
-from tasks.approval import ApprovalPolicy, approval_step, check_approval_settings
-from tasks.estate import load_block
-from tasks.evidence import RecoveryReport, publish_evidence, utcnow
-from tasks.locks import recovery_lock
+from runbook.parameters import check_parameters, recovery_flow
+from runbook.approval import ApprovalPolicy, approval_step, check_approval_settings
+from blocks.loading import load_block
+from runbook.evidence import RecoveryReport, publish_evidence, utcnow
+from runbook.locks import recovery_lock
 from tasks.qdrant import (
     check_export,
     list_collections,

@@ -128,7 +128,7 @@ def _rollback_drill(service_works: bool) -> DrillResult:
     from flows.app_rollback import app_rollback as rollback_flow
     from sandbox import estate
     from sandbox.services import endpoints
-    from tasks.evidence import load_report
+    from runbook.evidence import load_report
 
     ep = endpoints()
     info = estate.info()

@@ -111,7 +111,7 @@ def model_corruption(rows: int = 256) -> DrillResult:
     from blocks.models import GoldenCheck, ModelRegistry
     from flows.model_corruption import model_corruption as recovery_flow
     from sandbox.services import endpoints
-    from tasks.evidence import load_report
+    from runbook.evidence import load_report
 
     ep = endpoints()
     registry = ModelRegistry.load(MODELS_BLOCK)
@@ -210,7 +210,7 @@ def vector_db(rows: int = 2_000) -> DrillResult:
     from blocks.qdrant import EmbeddingTable, QdrantCluster
     from flows.vector_db_recovery import vector_db_recovery as recovery_flow
     from sandbox.services import endpoints
-    from tasks.evidence import load_report
+    from runbook.evidence import load_report
 
     ep = endpoints()
     qdrant = QdrantCluster.load(QDRANT_BLOCK)

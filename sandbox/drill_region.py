@@ -247,7 +247,7 @@ def regional_outage(rows: int = 100_000) -> DrillResult:
     from flows.db_failover import clear_journal
     from flows.regional_failback import regional_failback
     from flows.regional_failover import regional_failover
-    from tasks.evidence import load_report
+    from runbook.evidence import load_report
 
     sb = prepare()
     load = _start_load(sb, rows)
@@ -305,7 +305,7 @@ def regional_outage(rows: int = 100_000) -> DrillResult:
 def db_server_failure(rows: int = 100_000) -> DrillResult:
     """Lose the primary server under a write load; fail over to the replica, then restore the topology."""
     from flows.db_failover import clear_journal, db_failover
-    from tasks.evidence import load_report
+    from runbook.evidence import load_report
 
     sb = prepare()
     load = _start_load(sb, rows)

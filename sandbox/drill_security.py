@@ -113,7 +113,7 @@ def run_drill(ep, lay: pgcluster.ClusterLayout, cluster_block: str, objectives_b
     """Plant a breach on the estate described by ``ep``/``lay``, run the response, check what it left."""
     from blocks import PostgresCluster, VerificationQuery
     from flows.security_breach import security_breach as response_flow
-    from tasks.evidence import load_report
+    from runbook.evidence import load_report
 
     save_blocks(ep)
     credentials = ep.aws_credentials()

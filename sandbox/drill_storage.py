@@ -90,7 +90,7 @@ def object_storage(rows: int = 100_000) -> DrillResult:
     """
     from flows.object_storage_recovery import object_storage_recovery
     from sandbox import estate
-    from tasks.evidence import load_report
+    from runbook.evidence import load_report
 
     info = estate.info()
     store = ObjectStore.load(STORE_BLOCK)
@@ -187,7 +187,7 @@ def cache(rows: int = 100_000) -> DrillResult:
 
     from flows.cache_recovery import cache_recovery
     from sandbox import estate
-    from tasks.evidence import load_report
+    from runbook.evidence import load_report
 
     info = estate.info()
     block = RedisCache.load(CACHE_BLOCK)

@@ -35,7 +35,7 @@ def check(name: str, passed: bool, detail: str) -> dict:
 
 def save_report(root: Path, flow_run_id: str) -> Path:
     """Write the run's evidence (markdown and JSON) under ``<sandbox>/reports``; return the markdown path."""
-    from tasks.evidence import load_report, render_markdown
+    from runbook.evidence import load_report, render_markdown
 
     report = load_report(flow_run_id)
     reports = root / "reports"

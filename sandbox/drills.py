@@ -13,7 +13,7 @@ from blocks import PostgresCluster, VerificationQuery
 from sandbox import drill_apps, drill_ml, drill_region, drill_security, drill_storage, estate, pgcluster
 from sandbox.drillkit import DrillResult, save_report
 from sandbox.drillkit import check as _check
-from tasks.evidence import load_report
+from runbook.evidence import load_report
 
 SEED_SQL = """
 DROP SCHEMA IF EXISTS drill CASCADE;

@@ -10,7 +10,7 @@ from blocks.backup_sources import compare_with_source as _compare
 from blocks.backup_sources import discard_scratch as _discard
 from blocks.postgres import PostgresCluster
 from tasks._policy import policy
-from tasks.estate import load_block
+from blocks.loading import load_block
 
 
 @task(name="check-pgbackrest-backups", **policy(timeout_seconds=3600))

@@ -13,7 +13,7 @@ from blocks.health import HealthEndpoints
 from blocks.kubernetes import KubernetesTarget
 from flows.app_rollback import INCIDENT_ANNOTATION, app_rollback
 from sandbox.paths import free_port
-from tasks.evidence import load_report, render_markdown
+from runbook.evidence import load_report, render_markdown
 
 GOOD, NEWER, BROKEN = "registry.local/shop:1.0", "registry.local/shop:2.0", "registry.local/shop:3.0:broken"
 

@@ -12,7 +12,7 @@ import pytest
 from prefect.flow_runs import resume_flow_run
 
 from conftest import dr, seed_before_after, sql, start_flow, wait_for_run
-from tasks.evidence import load_report
+from runbook.evidence import load_report
 
 
 def params_for(name: str, target: datetime, **extra) -> dict:

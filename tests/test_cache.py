@@ -10,7 +10,7 @@ import redis
 
 from blocks.errors import InvalidInput
 from blocks.redis_cache import RedisCache
-from tasks.evidence import load_report
+from runbook.evidence import load_report
 
 
 def _fill(url: str, db: int, count: int) -> None:

@@ -27,7 +27,7 @@ from prefect.flow_runs import resume_flow_run
 from conftest import TESTS, dr, seed_before_after, start_flow, wait_for_run
 from fixtures_security import breach_window, kube_target, plant_breach
 from sandbox import pgcluster
-from tasks.evidence import load_report
+from runbook.evidence import load_report
 from test_object_storage import PREFIX, _store
 
 DR = str(Path(sys.executable).parent / "dr")

@@ -15,7 +15,7 @@ from prefect.states import Crashed
 from blocks import VerificationQuery
 from conftest import seed_before_after, sql, start_flow, wait_for_run
 from flows.db_corruption import db_corruption
-from tasks.evidence import load_report, render_markdown
+from runbook.evidence import load_report, render_markdown
 
 
 def run(name: str, **params):

@@ -13,7 +13,7 @@ from conftest import wait_for_run
 from fixtures_kube import seed_deployment
 from sandbox import pgcluster
 from sandbox.paths import free_port
-from tasks.evidence import load_report
+from runbook.evidence import load_report
 
 
 @pytest.fixture(scope="module")

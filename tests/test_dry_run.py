@@ -20,7 +20,7 @@ from test_vector_db import run as run_vector
 from blocks import VerificationQuery
 from conftest import seed_before_after, sql
 from flows.db_corruption import db_corruption
-from tasks.evidence import load_report
+from runbook.evidence import load_report
 
 # Logs one line each time it runs; planning or preparing a query that calls it runs nothing.
 SENTINEL_FUNCTION = ("CREATE FUNCTION dr_sentinel() RETURNS int LANGUAGE plpgsql VOLATILE AS "

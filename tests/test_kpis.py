@@ -14,8 +14,8 @@ from prefect.input.actions import create_flow_run_input
 from prefect.states import Cancelled, Completed, Failed, Running
 
 from blocks.errors import InvalidInput
-from tasks.evidence import REPORT_KEY
-from tasks.kpis import RunRecord, collect_runs, compute_kpis, parse_since, render_kpis
+from runbook.evidence import REPORT_KEY
+from runbook.kpis import RunRecord, collect_runs, compute_kpis, parse_since, render_kpis
 
 NOW = datetime(2026, 6, 30, 12, 0, tzinfo=timezone.utc)
 SINCE = NOW - timedelta(days=30)

@@ -28,7 +28,7 @@ from test_regional import pair, regions  # noqa: F401  (the two-region estate of
 HOLDER = """
 import sys, time
 from uuid import UUID
-from tasks.locks import recovery_lock
+from runbook.locks import recovery_lock
 with recovery_lock(sys.argv[1], 5, UUID(sys.argv[2])):
     print("held", flush=True)
     time.sleep(600)
@@ -51,7 +51,7 @@ def kill_a_holder(api_url: str, target: str) -> tuple[uuid.UUID, str]:
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed
 
-    from tasks.locks import lock_holder
+    from runbook.locks import lock_holder
 
     with get_client(sync_client=True) as client:
         dead = _new_run(client, f"dead-{uuid.uuid4().hex[:6]}").id
@@ -97,7 +97,7 @@ def test_three_runs_reclaiming_one_dead_holder_admit_exactly_one(prefect_api):
     from prefect.client.orchestration import get_client
 
     from blocks.errors import RecoveryInProgress
-    from tasks.locks import lock_holder, lock_name, recovery_lock
+    from runbook.locks import lock_holder, lock_name, recovery_lock
 
     target = f"locks-{uuid.uuid4().hex[:6]}"
     dead, dead_lease = kill_a_holder(prefect_api, target)
@@ -150,7 +150,7 @@ def test_a_live_holder_is_named_and_keeps_its_lock(prefect_api):
     from prefect.client.orchestration import get_client
 
     from blocks.errors import RecoveryInProgress
-    from tasks.locks import lock_holder, lock_name, recovery_lock
+    from runbook.locks import lock_holder, lock_name, recovery_lock
 
     target = f"locks-{uuid.uuid4().hex[:6]}"
     with get_client(sync_client=True) as client:
@@ -166,7 +166,7 @@ def test_a_live_holder_is_named_and_keeps_its_lock(prefect_api):
 
 def test_dr_unlock_releases_a_dead_holders_lease(prefect_api):
     from conftest import dr
-    from tasks.locks import lock_holder, lock_name
+    from runbook.locks import lock_holder, lock_name
 
     target = f"locks-{uuid.uuid4().hex[:6]}"
     dead, dead_lease = kill_a_holder(prefect_api, target)
@@ -254,7 +254,7 @@ def test_the_dead_lease_expiring_does_not_free_the_new_holders_slot(sweeping_ser
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
     from blocks.errors import RecoveryInProgress
-    from tasks.locks import lock_holder, lock_name, recovery_lock
+    from runbook.locks import lock_holder, lock_name, recovery_lock
 
     url, lease_dir = sweeping_server
     target = f"sweep-{uuid.uuid4().hex[:6]}"
@@ -312,7 +312,7 @@ def test_a_regional_failover_refused_on_the_cluster_lock_leaves_the_estate_lock_
 
     from blocks.region import Region
     from flows.regional_failover import regional_failover
-    from tasks.locks import lock_holder, lock_name, recovery_lock
+    from runbook.locks import lock_holder, lock_name, recovery_lock
 
     r = regions
     r.health.set_healthy("primary", False)

@@ -14,7 +14,7 @@ import pytest
 
 from blocks.errors import InvalidInput
 from blocks.models import GoldenCheck, ModelRegistry, ModelRegistryError, load_numpy_mlp
-from tasks.evidence import load_report
+from runbook.evidence import load_report
 from tests.fixtures_kube import seed_deployment, seed_job
 
 

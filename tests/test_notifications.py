@@ -13,7 +13,7 @@ from prefect.variables import Variable
 from blocks.errors import InvalidInput
 from blocks.notify import slack_compatible_webhook
 from sandbox.drillkit import DrillResult
-from tasks.approval import request_approval
+from runbook.approval import request_approval
 from tasks.notify import DEFAULT_NOTIFIER_VARIABLE, initial_alert, load_notifier, resolved, status_update
 
 AT = datetime(2026, 3, 1, 9, 30, tzinfo=timezone.utc)

@@ -11,7 +11,7 @@ import pytest
 
 from blocks.errors import InvalidInput
 from blocks.object_store import ObjectStore
-from tasks.evidence import load_report
+from runbook.evidence import load_report
 
 PREFIX = "docs/"
 RUN = uuid.uuid4().hex[:6]

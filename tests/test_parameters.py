@@ -12,8 +12,8 @@ from prefect import Flow
 
 import flows
 from blocks.errors import InvalidInput
-from flows.runbook.parameters import check_parameters, describe, parameter_bounds, problems
-from tasks.evidence import load_report
+from runbook.parameters import check_parameters, describe, parameter_bounds, problems
+from runbook.evidence import load_report
 
 
 def all_flows() -> list[Flow]:
@@ -132,7 +132,7 @@ def test_a_flow_run_with_a_bad_parameter_ends_refused_before_loading_anything(pr
 
 
 def test_a_refusal_after_a_change_is_reported_as_a_failure_not_a_refusal():
-    from tasks.evidence import RecoveryReport
+    from runbook.evidence import RecoveryReport
 
     report = RecoveryReport(scenario="db-corruption", incident_id="i", target="c", incident_detected_at=NOW,
                             started_at=NOW, rto_objective_seconds=1, rpo_objective_seconds=1)

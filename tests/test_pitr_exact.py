@@ -17,7 +17,7 @@ from blocks.errors import InvalidInput
 from blocks.pgbackrest import format_target_time
 from conftest import sql
 from flows.db_corruption import db_corruption
-from tasks.evidence import load_report
+from runbook.evidence import load_report
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 US = timedelta(microseconds=1)

@@ -13,7 +13,7 @@ from blocks import VerificationQuery
 from blocks.errors import InvalidInput
 from conftest import seed_before_after, sql
 from flows.db_corruption import db_corruption
-from tasks.evidence import load_report
+from runbook.evidence import load_report
 
 
 def run(name: str, **params):

@@ -15,7 +15,7 @@ from conftest import start_flow, wait_for_run
 from fixtures_kube import seed_deployment
 from sandbox import pgcluster
 from sandbox.paths import free_port
-from tasks.evidence import load_report
+from runbook.evidence import load_report
 
 TIERS = {"auth": 2, "core-api": 2, "dashboard": 1}
 

@@ -15,7 +15,7 @@ import pytest
 from blocks.errors import PostgresError
 from sandbox import pgcluster
 from sandbox.paths import free_port
-from tasks.evidence import load_report
+from runbook.evidence import load_report
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 

@@ -11,7 +11,7 @@ from blocks.errors import InvalidInput
 from conftest import sql
 from flows.restore_test import restore_test
 from tasks.checklist import check_database_connectivity
-from tasks.evidence import load_report
+from runbook.evidence import load_report
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -29,7 +29,7 @@ from blocks import VerificationQuery
 from fixtures_security import AppWriter, BreachedEstate, breach_window, kube_target, plant_breach
 from flows.security_breach import security_breach
 from sandbox import pgcluster
-from tasks.evidence import load_report, render_markdown
+from runbook.evidence import load_report, render_markdown
 
 
 def run(estate: BreachedEstate, **params):
@@ -521,7 +521,7 @@ def test_a_role_manager_without_superuser_rights_can_set_a_password(breach_clust
 def test_replicas_of_the_replaced_primary_are_named_for_re_cloning():
     from blocks import PostgresCluster, PostgresInstance
     from flows.security_breach import _replica_follow_ups
-    from tasks.evidence import RecoveryReport
+    from runbook.evidence import RecoveryReport
 
     cluster = PostgresCluster(primary=PostgresInstance(port=5432, data_directory="/srv/pg/primary"),
                               replicas=[PostgresInstance(port=5433, data_directory="/srv/pg/replica1")],

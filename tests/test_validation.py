@@ -6,7 +6,7 @@ import pytest
 
 from blocks.errors import InvalidInput
 from blocks.pgbackrest import format_target_time
-from tasks.approval import check_approval_settings
+from runbook.approval import check_approval_settings
 from tasks.postgres import RecoverableWindow, check_target_in_window, parse_recovery_target
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)

@@ -12,7 +12,7 @@ import pytest
 from blocks.errors import InvalidInput
 from blocks.qdrant import EmbeddingTable, ExactNeighbours, QdrantCluster, QdrantError, QdrantUnavailable
 from sandbox.paths import free_port
-from tasks.evidence import load_report
+from runbook.evidence import load_report
 from tests.fixtures_qdrant import seed_embeddings
 
 ROWS, DIMS = 300, 16

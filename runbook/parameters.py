@@ -7,7 +7,7 @@ their type; a structured parameter (a model, or a list of up to 100 of them) is 
 model. ``None`` is accepted exactly where the flow's signature admits it.
 
 Example:
-    >>> from flows.runbook.parameters import bound_for
+    >>> from runbook.parameters import bound_for
     >>> bound_for("approval_poll_seconds").expected
     'a number of seconds from 0.1 to 60'
 """

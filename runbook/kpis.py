@@ -38,7 +38,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.input.actions import read_flow_run_input
 
 from blocks.errors import InvalidInput
-from tasks.evidence import REPORT_KEY
+from runbook.evidence import REPORT_KEY
 
 BACKUP_FLOWS = ("backup-validation", "restore-test")
 NOT_RECOVERIES = ("restore-test",)

@@ -20,7 +20,7 @@ from prefect.utilities.asyncutils import run_coro_as_sync
 from pydantic import Field
 
 from blocks.errors import InvalidInput
-from tasks.evidence import ApprovalRecord, RecoveryReport, utcnow
+from runbook.evidence import ApprovalRecord, RecoveryReport, utcnow
 from tasks.notify import deliver, status_update
 
 ApprovalPolicy = Literal["required", "auto"]

@@ -1,1 +1,0 @@
-"""Runbook parts every recovery shares: the machinery between the flows and the tasks."""
