@@ -95,7 +95,7 @@ class Estate:
 
     def reset(self) -> None:
         """Original topology, DNS on the primary, DR scaled down, every endpoint healthy."""
-        from flows.db_failover import clear_journal
+        from runbook.failover import clear_journal
 
         c = self.cluster
         if c.role(self.P) == "unreachable" and c.role(self.R) == "primary":

@@ -26,7 +26,8 @@ from blocks.qdrant import EmbeddingTable, QdrantCluster, QdrantError
 from blocks.rds import RdsDatabase, RdsError
 from blocks.redis_cache import RedisCache, RedisError, RedisUnavailable
 from blocks.region import Region
-from blocks.postgres import CheckResult, PostgresCluster, PostgresInstance, VerificationQuery
+from blocks.postgres import PostgresCluster, PostgresInstance, VerificationQuery
+from blocks.results import CheckResult
 
 __all__ = [
     "BackupCheck",

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from blocks.aws_security import AwsError, aws_error
 from blocks.errors import InvalidInput
-from blocks.postgres import CheckResult
+from blocks.results import CheckResult
 
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 MANIFEST = "manifest.json"

@@ -29,7 +29,7 @@ from prefect_aws.s3 import S3Bucket
 from pydantic import BaseModel, Field, ValidationError
 
 from blocks.errors import InvalidInput, RecoveryError
-from blocks.postgres import CheckResult
+from blocks.results import CheckResult
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 POINTER = "PRODUCTION"

@@ -8,7 +8,7 @@ import re
 import shutil
 import socket
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Iterator, Literal
 
@@ -27,6 +27,7 @@ from blocks.errors import (
     PostgresUnavailable,
 )
 from blocks.pgbackrest import BackupSet, PgBackRest, format_target_time, lsn_value
+from blocks.results import CheckResult
 
 MARKER = "dr_recovery.json"
 INCIDENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -114,19 +115,6 @@ class VerificationQuery(BaseModel):
         default=None, description="The value, as text, the query must return; empty to only record it."
     )
     database: str | None = Field(default=None, description="Database to run it in; defaults to the cluster's.")
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """The outcome of one check, as data. Only critical checks fail a run."""
-
-    name: str
-    passed: bool
-    detail: str
-    critical: bool = True
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

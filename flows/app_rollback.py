@@ -15,31 +15,23 @@ Runbook (continuity plan: "Application Deployment Rollback"):
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from prefect import get_run_logger, runtime
-from prefect.states import Cancelled, Completed, Failed, State
+from prefect.states import State
 
-from blocks import CheckResult, RecoveryObjectives
+from blocks import CheckResult
 from blocks.errors import InvalidInput
 from blocks.health import HealthEndpoints
-from blocks.kubernetes import KubernetesTarget, RollbackPlan, RolloutNotReady, template_digest
-from runbook.parameters import check_parameters, recovery_flow
-from runbook.approval import approval_step, check_approval_settings
+from blocks.kubernetes import KubernetesTarget, RollbackPlan, RolloutNotReady, RolloutStatus, template_digest
 from blocks.loading import load_block
-from runbook.evidence import RecoveryReport, publish_evidence, utcnow
+from runbook.evidence import utcnow
+from runbook.parameters import recovery_flow
+from runbook.run import Approval, Recovery
 from tasks.health import probe_health
-from tasks.kubernetes import (
-    list_deployment_pods,
-    plan_rollback,
-    read_deployment,
-    read_rollout_history,
-    read_rollout_status,
-    undo_rollout,
-    wait_for_rollout,
-)
-from runbook.locks import recovery_lock
+from tasks.kubernetes import (list_deployment_pods, plan_rollback, read_deployment, read_rollout_history,
+                              read_rollout_status, undo_rollout, wait_for_rollout)
 
 SCENARIO = "app-rollback"
 INCIDENT_ANNOTATION = "dr-pipelines.io/rollback-incident"
@@ -47,92 +39,90 @@ FROM_ANNOTATION = "dr-pipelines.io/rolled-back-from"
 # Digests of the pod templates a rollback went from and to (blocks.kubernetes.template_digest).
 FROM_TEMPLATE_ANNOTATION = "dr-pipelines.io/rolled-back-from-template"
 RESTORED_TEMPLATE_ANNOTATION = "dr-pipelines.io/restored-template"
-INCIDENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RollbackApproval = Literal["none", "required", "auto"]
 
 
-def _refuse_bad_input(detected: datetime, started: datetime, to_revision: int | None, rollout_timeout: float,
-                      failures_required: int, window: float, interval: float, policy: str, approvers: list[str],
-                      approval_timeout: int, drill: bool, incident_id: str | None) -> None:
-    if detected.tzinfo is None or detected.utcoffset() is None:
-        raise InvalidInput(f"incident_detected_at {detected.isoformat()} has no time zone; give it with a UTC offset")
-    if detected > started:
-        raise InvalidInput(f"incident_detected_at {detected.isoformat()} is in the future (now {started.isoformat()})")
-    if to_revision is not None and to_revision < 1:
-        raise InvalidInput(f"to_revision {to_revision} must be a revision number >= 1 (or empty for the previous one)")
-    if not 0 < rollout_timeout <= 3600:
-        raise InvalidInput(f"rollout timeout {rollout_timeout} s: expected 0 < timeout <= 3600")
-    if failures_required < 1 or not 0 < interval <= window <= 3600 or (failures_required - 1) * interval > window:
-        raise InvalidInput(f"health check: {failures_required} consecutive results, interval {interval} s, window "
-                           f"{window} s: expected at least 1 result, 0 < interval <= window <= 3600 and "
-                           f"(results - 1) x interval <= window")
-    if policy not in ("none", "required", "auto"):
-        raise InvalidInput(f"approval policy {policy!r} is not 'none', 'required' or 'auto'")
-    if policy != "none":
-        check_approval_settings(policy, approvers, approval_timeout, drill)
-    if incident_id is not None and not INCIDENT_ID.match(incident_id):
-        raise InvalidInput(f"incident_id {incident_id!r} must be a plain name (letters, digits, '.', '_', '-')")
+@dataclass(frozen=True)
+class Verification:
+    """How a rollback is verified: the bounded wait for the rollout, then the service's health endpoints."""
 
+    rollout_timeout: float
+    consecutive: int
+    window: float
+    interval: float
+    health: HealthEndpoints | None
 
-def _health_endpoints(health_block: str | None, health_urls: list[str] | None) -> HealthEndpoints | None:
-    if health_block and health_urls:
-        raise InvalidInput("give either health_block or health_urls, not both")
-    if health_block:
-        return load_block(HealthEndpoints, health_block)
-    if health_urls:
-        bad = [u for u in health_urls if not re.match(r"^https?://[^\s/]+", u)]
+    @classmethod
+    def of(cls, rollout_timeout: float, consecutive: int, window: float, interval: float,
+           health_block: str | None, health_urls: list[str] | None) -> "Verification":
+        """The settings, refused (InvalidInput) when they cannot work."""
+        if not 0 < rollout_timeout <= 3600:
+            raise InvalidInput(f"rollout timeout {rollout_timeout} s: expected 0 < timeout <= 3600")
+        if consecutive < 1 or not 0 < interval <= window <= 3600 or (consecutive - 1) * interval > window:
+            raise InvalidInput(f"health check: {consecutive} consecutive results, interval {interval} s, window "
+                               f"{window} s: expected at least 1 result, 0 < interval <= window <= 3600 and "
+                               f"(results - 1) x interval <= window")
+        if health_block and health_urls:
+            raise InvalidInput("give either health_block or health_urls, not both")
+        bad = [u for u in health_urls or [] if not re.match(r"^https?://[^\s/]+", u)]
         if bad:
             raise InvalidInput(f"health URLs {bad} are not http(s) URLs")
-        return HealthEndpoints(endpoints={f"url-{i + 1}": u for i, u in enumerate(health_urls)})
-    return None
+        health = (load_block(HealthEndpoints, health_block) if health_block else
+                  HealthEndpoints(endpoints={f"url-{i + 1}": u for i, u in enumerate(health_urls)}) if health_urls else None)
+        if health is not None:
+            health.check_settings(consecutive, window, interval)
+        return cls(rollout_timeout, consecutive, window, interval, health)
+
+    def plan(self, deployment: str, images: list[str]) -> list[str]:
+        probed = ", ".join(sorted(self.health.endpoints)) if self.health else "no health endpoints (none configured)"
+        return [f"wait until {deployment} is rolled out and every pod is ready (at most {self.rollout_timeout:g} s)",
+                f"check every pod of {deployment} runs {', '.join(images)}",
+                f"probe {probed}: {self.consecutive} consecutive successes within {self.window:g} s"]
 
 
-def _annotations(dep: dict) -> dict[str, str]:
-    return (dep.get("metadata") or {}).get("annotations") or {}
+@dataclass(frozen=True)
+class Marker:
+    """What an earlier rollback wrote on the deployment (annotations), and the digest of the template it runs now."""
+
+    annotations: dict[str, str]
+    running: str
+
+    @classmethod
+    def on(cls, dep: dict) -> "Marker":
+        return cls((dep.get("metadata") or {}).get("annotations") or {},
+                   template_digest((dep.get("spec") or {}).get("template") or {}))
+
+    def incident(self, deployment: str) -> str:
+        """The incident whose rollback the deployment still runs; else one named after the deployment and the
+        template it runs now (the failed release), so every run for the same failed release gets the same id."""
+        if self.annotations.get(INCIDENT_ANNOTATION) and self.annotations.get(RESTORED_TEMPLATE_ANNOTATION) == self.running:
+            return self.annotations[INCIDENT_ANNOTATION]
+        return f"{deployment[:100]}-{self.running}"
+
+    def done_for(self, incident: str) -> bool:
+        """Whether an earlier run of ``incident`` rolled the deployment back and it still runs what that run
+        restored (the same release deployed again after the rollback is a new failure to roll back)."""
+        restored = self.annotations.get(RESTORED_TEMPLATE_ANNOTATION)
+        return self.annotations.get(INCIDENT_ANNOTATION) == incident and restored in (None, self.running)
+
+    def refuse_roll_forward(self, plan: RollbackPlan, to_revision: int | None) -> None:
+        """Refuse to go 'back' to the release an earlier rollback went away from (``kubectl rollout undo`` toggles)."""
+        by = self.annotations.get(INCIDENT_ANNOTATION)
+        if (to_revision is None and self.annotations.get(FROM_TEMPLATE_ANNOTATION) == plan.to_digest
+                and self.annotations.get(RESTORED_TEMPLATE_ANNOTATION) == plan.from_digest):
+            raise InvalidInput(
+                f"deployment {plan.name!r} was rolled back from {', '.join(plan.to_images)} by incident {by!r}; its "
+                f"previous revision is that failed release. Give incident_id {by!r} to verify that rollback again, "
+                "or to_revision to choose a revision")
 
 
-def _incident_id(dep: dict, deployment: str, given: str | None) -> str:
-    """The incident a run is about: the one given; else the one whose rollback the deployment still runs;
-    else one named after the deployment and the template it runs now (the failed release), so every
-    run for the same failed release gets the same id."""
-    if given:
-        return given
-    annotations = _annotations(dep)
-    running = template_digest((dep.get("spec") or {}).get("template") or {})
-    if annotations.get(INCIDENT_ANNOTATION) and annotations.get(RESTORED_TEMPLATE_ANNOTATION) == running:
-        return annotations[INCIDENT_ANNOTATION]
-    return f"{deployment[:100]}-{running}"
-
-
-def _rolled_back_for(dep: dict, incident: str) -> bool:
-    """Whether an earlier run of ``incident`` rolled the deployment back and it still runs what that run restored
-    (the same release deployed again after the rollback is a new failure to roll back)."""
-    annotations = _annotations(dep)
-    if annotations.get(INCIDENT_ANNOTATION) != incident:
-        return False
-    restored = annotations.get(RESTORED_TEMPLATE_ANNOTATION)
-    return restored is None or restored == template_digest((dep.get("spec") or {}).get("template") or {})
-
-
-def _refuse_roll_forward(dep: dict, plan: RollbackPlan, to_revision: int | None) -> None:
-    """Refuse to go 'back' to the release an earlier rollback went away from (``kubectl rollout undo`` toggles)."""
-    annotations = _annotations(dep)
-    if (to_revision is None and annotations.get(FROM_TEMPLATE_ANNOTATION) == plan.to_digest
-            and annotations.get(RESTORED_TEMPLATE_ANNOTATION) == plan.from_digest):
-        raise InvalidInput(
-            f"deployment {plan.name!r} was rolled back from {', '.join(plan.to_images)} by incident "
-            f"{annotations.get(INCIDENT_ANNOTATION)!r}; its previous revision is that failed release. Give "
-            f"incident_id {annotations.get(INCIDENT_ANNOTATION)!r} to verify that rollback again, or to_revision "
-            "to choose a revision")
-
-
-def _preview(report: RecoveryReport, plan: RollbackPlan, target: KubernetesTarget) -> str:
+def _preview(run: Recovery, plan: RollbackPlan, target: KubernetesTarget) -> str:
     return "\n".join([
         f"## Roll back `{plan.name}` in `{target.namespace}`?",
         "",
         f"- **Now**: revision {plan.from_revision}, image {', '.join(plan.from_images)}",
         f"- **After**: revision {plan.to_revision}, image {', '.join(plan.to_images)} (ReplicaSet {plan.replicaset})",
-        f"- **Rollout now**: {report.facts.get('rollout status before', '-')}",
+        f"- **Rollout now**: {run.report.facts.get('rollout status before', '-')}",
         "",
         "The rollback is reversible: the current revision stays in the history and can be rolled out again.",
     ])
@@ -189,157 +179,129 @@ def app_rollback(
             after the rollback finds the incident on the deployment).
         lock_wait_seconds: how long to wait for another recovery of the same deployment to finish.
     """
-    approvers = list(allowed_approvers or [])
-    started = utcnow()
-    detected = incident_detected_at or started
-    target_name = f"{kubernetes_block}/{deployment}"
-    report = RecoveryReport(
-        scenario=SCENARIO, incident_id=incident_id or "unassigned", target=target_name,
-        flow_run_id=str(runtime.flow_run.id) if runtime.flow_run.id else None, drill=drill, dry_run=dry_run,
-        incident_detected_at=detected, started_at=started, recovery_target="previous revision"
-        if to_revision is None else f"revision {to_revision}", rto_objective_seconds=0, rpo_objective_seconds=0,
+    run = Recovery(
+        SCENARIO, target=f"{kubernetes_block}/{deployment}", detected_at=incident_detected_at or utcnow(),
+        approval=Approval.of(approval_policy, allowed_approvers, approval_timeout_seconds, approval_poll_seconds,
+                             allowed_policies=("none", "required", "auto")),
+        drill=drill, dry_run=dry_run, objectives_block=objectives_block, business_function=business_function,
+        recovery_target="previous revision" if to_revision is None else f"revision {to_revision}",
+        incident_id=incident_id,
     )
-    try:
-        with report.step("Preflight: validate inputs") as step:
-            check_parameters()
-            _refuse_bad_input(detected, started, to_revision, rollout_timeout_seconds, health_consecutive_required,
-                              health_window_seconds, health_interval_seconds, approval_policy, approvers,
-                              approval_timeout_seconds, drill, incident_id)
-            objectives = load_block(RecoveryObjectives, objectives_block,
-                                    default=RecoveryObjectives() if objectives_block == "default" else None)
-            objective = objectives.for_function(business_function)
-            report.rto_objective_seconds, report.rpo_objective_seconds = objective.rto_seconds, objective.rpo_seconds
-            report.severity = objective.priority
+    report = run.report
+    with run:
+        # Refused before the lock and before anything changes: a missing deployment or revision, a
+        # deployment without a previous revision, a 'previous' revision that is the release an earlier
+        # rollback left. A re-run of an incident whose rollback is done goes on to verification.
+        with run.preflight() as step:
+            verification = Verification.of(rollout_timeout_seconds, health_consecutive_required, health_window_seconds,
+                                           health_interval_seconds, health_block, health_urls)
+            report.severity = run.objective.priority
             target = load_block(KubernetesTarget, kubernetes_block)
-            if approval_policy == "auto" and target.environment == "production":
-                raise InvalidInput(f"approval policy 'auto' is refused for {kubernetes_block!r}: its environment is production")
-            health = _health_endpoints(health_block, health_urls)
-            if health is not None:
-                health.check_settings(health_consecutive_required, health_window_seconds, health_interval_seconds)
-            # Refused before the lock and before anything changes: a missing deployment or revision,
-            # a deployment without a previous revision, a paused deployment, a 'previous' revision that
-            # is the release an earlier rollback left. A re-run of an incident whose rollback is done
-            # goes on to verification.
-            current = read_deployment(target, deployment)
-            report.incident_id = _incident_id(current, deployment, incident_id)
-            if not _rolled_back_for(current, report.incident_id):
-                _refuse_roll_forward(current, plan_rollback(target, deployment, to_revision), to_revision)
-            step.detail = f"{target.api_server} namespace {target.namespace}; incident {report.incident_id}"
+            run.refuse_unsafe_policy(kubernetes_block, target.environment, reversible=True)
+            current = Marker.on(read_deployment(target, deployment))
+            run.assign_incident(incident_id or current.incident(deployment), deployment)
+            if not current.done_for(run.incident_id):
+                current.refuse_roll_forward(plan_rollback(target, deployment, to_revision), to_revision)
+            step.detail = f"{target.api_server} namespace {target.namespace}; incident {run.incident_id}"
 
-        with recovery_lock(f"{kubernetes_block}-{deployment}", lock_wait_seconds, runtime.flow_run.id):
-            return _rollback(target, deployment, to_revision, health, report, approval_policy, approvers,
-                             approval_timeout_seconds, approval_poll_seconds, dry_run, rollout_timeout_seconds,
-                             health_consecutive_required, health_window_seconds, health_interval_seconds)
-    except BaseException as exc:
-        report.outcome = report.outcome_for(exc)
-        report.summary = report.summary or f"The rollback stopped: {exc}"
-        raise
-    finally:
-        report.ended_at = utcnow()
-        publish_evidence(report)
+        with run.locks(f"{kubernetes_block}-{deployment}", wait_seconds=lock_wait_seconds):
+            # 1. Identify the current deployment.
+            with run.step("Identify the current deployment") as step:
+                status = read_rollout_status(target, deployment)
+                history = read_rollout_history(target, deployment)
+                marker = Marker.on(read_deployment(target, deployment))
+                report.facts.update({"namespace": target.namespace, "revision before": status.revision,
+                                     "image before": ", ".join(status.images), "rollout status before": status.message,
+                                     "revisions": ", ".join(f"{r.revision}: {', '.join(r.images)}" for r in history)})
+                step.detail = f"revision {status.revision}, image {', '.join(status.images)}; {status.message}"
+
+            resumed = marker.done_for(run.incident_id)
+            if resumed:
+                rolled_from = marker.annotations.get(FROM_ANNOTATION, "-")
+                with run.step("Resume: rollback already done for this incident") as step:
+                    report.facts["rolled back from"] = rolled_from
+                    step.detail = (f"deployment {deployment} was rolled back by an earlier run of {run.incident_id} "
+                                   f"(from {rolled_from}); not rolled back again")
+                    report.plan = [f"deployment {deployment}: keep revision {status.revision} (already rolled back)",
+                                   f"wait until {deployment} is rolled out and verify its health"]
+                if dry_run:
+                    return run.planned(report.plan, f"Dry run: {deployment} was already rolled back for "
+                                       f"{run.incident_id}. Nothing was changed.")
+            else:
+                with run.step("Preflight: previous revision") as step:
+                    plan = plan_rollback(target, deployment, to_revision)
+                    marker.refuse_roll_forward(plan, to_revision)
+                    if plan.noop:
+                        raise InvalidInput(f"deployment {deployment!r} already runs the template of revision "
+                                           f"{to_revision or plan.to_revision}; nothing to roll back")
+                    report.plan = [plan.describe(), *verification.plan(deployment, plan.to_images)]
+                    report.facts.update({"revision to restore": plan.to_revision,
+                                         "image to restore": ", ".join(plan.to_images)})
+                    step.detail = plan.describe()
+                if dry_run:
+                    return run.planned(report.plan, f"Dry run: {plan.describe()}. Nothing was changed.")
+
+                # 2. Approval (by default the trigger: the rollback is reversible).
+                decision = run.approve(_preview(run, plan, target))
+                if decision is None or not decision.approved:
+                    return run.declined(decision, f"The rollback of {deployment}")
+
+                # 3. Roll back to the previous version.
+                with run.step("Roll back (kubectl rollout undo)") as step:
+                    # The target is named by its ReplicaSet (a rollback renumbers its revision), and the incident
+                    # marker goes in the same patch as the rollback: a retry after the patch landed is a no-op,
+                    # and a re-run finds the marker exactly when the rollback happened.
+                    done = undo_rollout(target, deployment, replicaset=plan.replicaset, annotations={
+                        INCIDENT_ANNOTATION: run.incident_id,
+                        FROM_ANNOTATION: f"revision {plan.from_revision} ({', '.join(plan.from_images)})",
+                        FROM_TEMPLATE_ANNOTATION: plan.from_digest,
+                        RESTORED_TEMPLATE_ANNOTATION: plan.to_digest,
+                    })
+                    step.detail = plan.describe() if done.noop else done.describe()
+                    report.facts["rollback"] = step.detail
+
+            # 4. Wait for the rollback to complete.
+            with run.step("Wait for the rollout to complete") as step:
+                try:
+                    final = wait_for_rollout(target, deployment, verification.rollout_timeout)
+                except RolloutNotReady as exc:
+                    step.outcome, step.detail = "failed", str(exc)
+                    report.add_checks("rollout", [CheckResult("rollout complete", False, str(exc))])
+                    return run.finish("RolloutNotReady", f"{deployment} was rolled back but did not become ready "
+                                      f"within {verification.rollout_timeout:g} s: {exc.status.message}", action_items=[
+                                          f"inspect the pods of {deployment}: kubectl get pods -n {target.namespace}",
+                                          "roll back to an older revision with to_revision"])
+                report.facts.update({"revision after": final.revision, "image after": ", ".join(final.images)})
+                step.detail = f"{final.message}: {final.ready}/{final.replicas} ready, revision {final.revision}"
+                report.add_checks("rollout", [CheckResult("rollout complete", True, final.message)])
+
+            # 5. Verify service health.
+            if not _healthy(run, target, deployment, final, verification):
+                return run.finish("HealthCheckFailed", f"{deployment} was rolled back to {', '.join(final.images)} but "
+                                  "the service is not healthy; see Verification Results.", action_items=[
+                                      f"investigate {deployment}: the previous revision does not restore the service"])
+
+            # 6. The service is back: the RTO stops here.
+            run.mark_restored()
+            return run.finish("RolledBack", f"{deployment} in {target.namespace} runs {', '.join(final.images)} "
+                              f"(revision {final.revision}) again; {final.ready} pods ready and the service is healthy.",
+                              action_items=[] if resumed else [
+                                  f"find why {report.facts['image before']} failed before rolling it out again"])
 
 
-def _rollback(target: KubernetesTarget, deployment: str, to_revision: int | None, health: HealthEndpoints | None,
-              report: RecoveryReport, approval_policy: str, approvers: list[str], approval_timeout: int,
-              approval_poll: float, dry_run: bool, rollout_timeout: float, consecutive: int, window: float,
-              interval: float) -> State:
-    logger = get_run_logger()
-    with report.step("Identify the current deployment") as step:
-        status = read_rollout_status(target, deployment)
-        history = read_rollout_history(target, deployment)
-        dep = read_deployment(target, deployment)
-        dep_annotations = _annotations(dep)
-        report.facts.update({
-            "namespace": target.namespace,
-            "revision before": status.revision,
-            "image before": ", ".join(status.images),
-            "rollout status before": status.message,
-            "revisions": ", ".join(f"{r.revision}: {', '.join(r.images)}" for r in history),
-        })
-        step.detail = f"revision {status.revision}, image {', '.join(status.images)}; {status.message}"
-
-    resumed = _rolled_back_for(dep, report.incident_id)
-    if resumed:
-        with report.step("Resume: rollback already done for this incident") as step:
-            report.facts["rolled back from"] = dep_annotations.get(FROM_ANNOTATION, "-")
-            step.detail = (f"deployment {deployment} was rolled back by an earlier run of {report.incident_id} "
-                           f"(from {dep_annotations.get(FROM_ANNOTATION, '-')}); not rolled back again")
-            report.plan = [f"deployment {deployment}: keep revision {status.revision} (already rolled back)",
-                           f"wait until {deployment} is rolled out and verify its health"]
-        if dry_run:
-            report.outcome = "DryRun"
-            report.summary = f"Dry run: {deployment} was already rolled back for {report.incident_id}. Nothing was changed."
-            return Completed(name="DryRun", message=report.summary)
-    else:
-        with report.step("Preflight: previous revision") as step:
-            plan = plan_rollback(target, deployment, to_revision)
-            _refuse_roll_forward(dep, plan, to_revision)
-            if plan.noop:
-                raise InvalidInput(f"deployment {deployment!r} already runs the template of revision "
-                                   f"{to_revision or plan.to_revision}; nothing to roll back")
-            report.plan = [
-                plan.describe(),
-                f"wait until {deployment} is rolled out and every pod is ready (at most {rollout_timeout:g} s)",
-                f"check every pod of {deployment} runs {', '.join(plan.to_images)}",
-                f"probe {', '.join(sorted(health.endpoints)) if health else 'no health endpoints (none configured)'}: "
-                f"{consecutive} consecutive successes within {window:g} s",
-            ]
-            report.facts.update({"revision to restore": plan.to_revision, "image to restore": ", ".join(plan.to_images)})
-            step.detail = plan.describe()
-
-        if dry_run:
-            report.outcome = "DryRun"
-            report.summary = f"Dry run: {plan.describe()}. Nothing was changed."
-            return Completed(name="DryRun", message=report.summary)
-
-        decision = approval_step(report, approval_policy, _preview(report, plan, target), approvers,
-                                 approval_timeout, approval_poll)
-        if decision is None or not decision.approved:
-            name = "ApprovalTimedOut" if decision is None else "Rejected"
-            report.outcome = name
-            report.summary = f"The rollback of {deployment} was {'not approved in time' if decision is None else 'rejected'}; nothing changed."
-            return Failed(name=name, message=report.summary) if decision is None else Cancelled(name=name, message=report.summary)
-
-        with report.step("Roll back (kubectl rollout undo)") as step:
-            # The target is named by its ReplicaSet (a rollback renumbers its revision), and the incident
-            # marker goes in the same patch as the rollback: a retry after the patch landed is a no-op,
-            # and a re-run finds the marker exactly when the rollback happened.
-            done = undo_rollout(target, deployment, replicaset=plan.replicaset, annotations={
-                INCIDENT_ANNOTATION: report.incident_id,
-                FROM_ANNOTATION: f"revision {plan.from_revision} ({', '.join(plan.from_images)})",
-                FROM_TEMPLATE_ANNOTATION: plan.from_digest,
-                RESTORED_TEMPLATE_ANNOTATION: plan.to_digest,
-            })
-            step.detail = plan.describe() if done.noop else done.describe()
-            report.facts["rollback"] = step.detail
-
-    with report.step("Wait for the rollout to complete") as step:
-        try:
-            final = wait_for_rollout(target, deployment, rollout_timeout)
-        except RolloutNotReady as exc:
-            step.outcome = "failed"
-            step.detail = str(exc)
-            report.add_checks("rollout", [CheckResult("rollout complete", False, str(exc))])
-            report.outcome = "RolloutNotReady"
-            report.summary = (f"{deployment} was rolled back but did not become ready within {rollout_timeout:g} s: "
-                              f"{exc.status.message}")
-            report.action_items += [f"inspect the pods of {deployment}: kubectl get pods -n {target.namespace}",
-                                    "roll back to an older revision with to_revision"]
-            return Failed(name="RolloutNotReady", message=report.summary)
-        report.facts.update({"revision after": final.revision, "image after": ", ".join(final.images)})
-        step.detail = f"{final.message}: {final.ready}/{final.replicas} ready, revision {final.revision}"
-        report.add_checks("rollout", [CheckResult("rollout complete", True, final.message)])
-
-    with report.step("Verify service health") as step:
+def _healthy(run: Recovery, target: KubernetesTarget, deployment: str, final: RolloutStatus,
+             verification: Verification) -> bool:
+    """Every pod Running and ready on the restored image, and the health endpoints answering."""
+    report = run.report
+    with run.step("Verify service health") as step:
         pods = list_deployment_pods(target, deployment)
-        expected = final.images
-        bad = [p["name"] for p in pods if p["phase"] != "Running" or not p["ready"] or p["images"] != expected]
-        pods_ok = len(pods) >= final.replicas and not bad
-        checks = [CheckResult("pods running", pods_ok,
-                              f"{len(pods) - len(bad)}/{len(pods)} pods Running and ready on {', '.join(expected)}"
+        bad = [p["name"] for p in pods if p["phase"] != "Running" or not p["ready"] or p["images"] != final.images]
+        checks = [CheckResult("pods running", len(pods) >= final.replicas and not bad,
+                              f"{len(pods) - len(bad)}/{len(pods)} pods Running and ready on {', '.join(final.images)}"
                               + (f"; not ready: {', '.join(bad[:5])}" if bad else ""))]
-        if health is not None:
-            evidence = probe_health(health, consecutive, window, interval, until="healthy")
+        if verification.health is not None:
+            evidence = probe_health(verification.health, verification.consecutive, verification.window,
+                                    verification.interval, until="healthy")
             report.facts["health probes"] = evidence.summary()
             checks.append(CheckResult("health endpoints", evidence.all_healthy, evidence.summary()))
         else:
@@ -349,20 +311,4 @@ def _rollback(target: KubernetesTarget, deployment: str, to_revision: int | None
         failed = report.failed_critical("health")
         step.outcome = "ok" if not failed else "failed"
         step.detail = "; ".join(f"{c.name}: {'pass' if c.passed else 'FAIL'}" for c in checks)
-
-    if report.failed_critical("health"):
-        report.outcome = "HealthCheckFailed"
-        report.summary = (f"{deployment} was rolled back to {', '.join(final.images)} but the service is not healthy; "
-                          "see Verification Results.")
-        report.action_items.append(f"investigate {deployment}: the previous revision does not restore the service")
-        logger.warning(report.summary)
-        return Failed(name="HealthCheckFailed", message=report.summary)
-
-    report.service_restored_at = utcnow()
-    report.rto_seconds = (report.service_restored_at - report.incident_detected_at).total_seconds()
-    report.outcome = "RolledBack"
-    report.summary = (f"{deployment} in {target.namespace} runs {', '.join(final.images)} (revision {final.revision}) "
-                      f"again; {final.ready} pods ready and the service is healthy.")
-    if not resumed:
-        report.action_items.append(f"find why {report.facts['image before']} failed before rolling it out again")
-    return Completed(name="RolledBack", message=report.summary)
+    return not failed

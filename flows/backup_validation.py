@@ -10,16 +10,16 @@ Runbook (continuity plans: "Testing Schedule & Procedures" - backup validation; 
 
 from __future__ import annotations
 
-from prefect import get_run_logger, runtime
+from prefect import get_run_logger
 from prefect.states import Completed, Failed, State
 
 from blocks.backup_sources import BackupCheck, BackupSources
 from blocks.errors import RecoveryError
-from tasks.backups import check_object_backups, check_pgbackrest_backups, publish_backup_checks
 from blocks.loading import load_block
-from runbook.parameters import check_parameters, recovery_flow
+from runbook.alerts import alert_on_call
 from runbook.evidence import utcnow
-from tasks.notify import initial_alert, send_notification
+from runbook.parameters import check_parameters, recovery_flow
+from tasks.backups import check_object_backups, check_pgbackrest_backups, publish_backup_checks
 
 
 @recovery_flow(name="backup-validation", description="Check that every backup exists, is fresh, verifies and is retained.")
@@ -47,7 +47,7 @@ def backup_validation(sources_block: str = "default", notifier: str | None = Non
             checks += _checked(source.label, source.critical, lambda s=source: check_object_backups(sources, s))
         publish_backup_checks(checks)
     except Exception as exc:  # alerted, then re-raised: a validation that cannot run is itself a failure
-        _alert(notifier, f"backup validation could not run: {type(exc).__name__}: {exc}", started)
+        alert_on_call(notifier, "backups", f"backup validation could not run: {type(exc).__name__}: {exc}", started)
         raise
     data = [c.as_dict() for c in checks]
     failed = [c for c in checks if c.critical and not c.passed]
@@ -56,18 +56,12 @@ def backup_validation(sources_block: str = "default", notifier: str | None = Non
         logger.warning("Non-critical check failed: %s: %s", c.name, c.detail)
     if failed:
         summary = f"{len(failed)} critical backup check(s) failed: " + "; ".join(f"{c.name} ({c.detail})" for c in failed[:5])
-        _alert(notifier, summary, started)
+        alert_on_call(notifier, "backups", summary, started)
         return Failed(name="BackupValidationFailed", message=summary, data=data)
     message = f"{len(checks)} checks over {len(sources.pgbackrest) + len(sources.object_prefixes)} sources passed"
     if warnings:
         message += f"; {len(warnings)} non-critical warning(s)"
     return Completed(name="Valid", message=message, data=data)
-
-
-def _alert(notifier: str | None, impact: str, started) -> None:
-    send_notification(notifier, initial_alert(
-        severity="P2", service="backups", impact=impact, started_at=started, commander="on-call",
-        war_room=f"flow run {runtime.flow_run.name}"))
 
 
 def _checked(label: str, critical: bool, run) -> list[BackupCheck]:

@@ -13,149 +13,34 @@ Runbook (continuity plans: "Database Server Failure", "Failover Procedures"):
 
 from __future__ import annotations
 
-import hashlib
-import re
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 
-from prefect import get_run_logger, runtime
-from prefect.states import Cancelled, Completed, Failed, State
-from prefect.variables import Variable
-from pydantic import Field
+from prefect.states import State
 
-from blocks import PostgresCluster, RecoveryObjectives
-from blocks.errors import InvalidInput, PostgresError
+from blocks import PostgresCluster
+from blocks._pg_replication import ReplicaLag
+from blocks.errors import InvalidInput
 from blocks.kubernetes import KubernetesTarget
-from runbook.parameters import check_parameters, recovery_flow
-from runbook.approval import ApprovalDecision, ApprovalPolicy, approval_step, check_approval_settings
 from blocks.loading import load_block
-from runbook.evidence import RecoveryReport, publish_evidence, utcnow
-from tasks.kubernetes import read_replicas, restart_rollout, set_app_secret
-from runbook.locks import recovery_lock
-from tasks.postgres import check_database_inputs
-from tasks.replication import (
-    fence_old_primary,
-    list_writers,
-    measure_replica_lag,
-    promote_replica,
-    rank_replicas,
-    read_roles,
-    wait_for_replay,
+from runbook.evidence import utcnow
+from runbook.failover import (
+    confirm_lag_after_fence,
+    decide,
+    dsn_for,
+    finish_refused,
+    promote_journalled,
+    read_journal,
+    record_replica_promotion,
+    timed_steps,
 )
+from runbook.parameters import recovery_flow
+from runbook.run import Approval, ApprovalPolicy, Recovery
+from tasks.kubernetes import read_replicas, restart_rollout, set_app_secret
+from tasks.postgres import check_database_inputs
+from tasks.replication import fence_old_primary, rank_replicas, read_roles
 from tasks.smoke import smoke_test_sql
 
 SCENARIO = "db-failover"
-# How long a journalled promotion of another incident still explains a promoted replica.
-JOURNAL_TTL = timedelta(hours=24)
-
-
-class FailoverDecision(ApprovalDecision):
-    """The approver's answer to a failover, with an explicit word on the stated data loss."""
-
-    accept_data_loss: bool = Field(
-        description="Tick to accept the data loss stated in the preview. Required when the replica lag is above "
-                    "the RPO or unknown; a failover above the RPO without it promotes nothing. The field has no "
-                    "default on purpose: an answer that does not state it is not taken as an acceptance.")
-
-
-def dsn_for(cluster: PostgresCluster, port: int, host: str | None = None) -> str:
-    """The DSN applications use for the instance on ``port``; the password stays in its own secret."""
-    inst = cluster.instance_at(port)
-    return f"postgresql://{cluster.user}@{host or inst.host}:{inst.port}/{cluster.database}"
-
-
-def failover_key(scope: str, detected: datetime) -> str:
-    """A stable id for one incident, so a re-run of the same failover finds its earlier work."""
-    detected = detected.astimezone(timezone.utc)
-    digest = hashlib.sha256(f"{scope}|{detected.isoformat()}".encode()).hexdigest()
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", scope).strip("-.")[:80] or "estate"
-    return f"{name}-{detected:%Y%m%dT%H%M%SZ}-{digest[:6]}"
-
-
-def journal_name(scope: str) -> str:
-    """The Prefect Variable that journals a promotion done for ``scope`` (an estate or a cluster)."""
-    return "dr_failover_" + re.sub(r"[^a-z0-9]+", "_", scope.lower()).strip("_")
-
-
-def read_journal(scope: str, incident_id: str | None = None) -> dict | None:
-    """The promotion journalled for ``scope`` by an earlier run, if any.
-
-    An entry of another incident counts only while it is younger than ``JOURNAL_TTL``: a promotion
-    journalled long ago says nothing about who the primary should be today.
-    """
-    entry = Variable.get(journal_name(scope), default=None)
-    if not isinstance(entry, dict):
-        return None
-    if incident_id is not None and entry.get("incident_id") == incident_id:
-        return entry
-    try:
-        written = datetime.fromisoformat(str(entry.get("written_at")))
-    except ValueError:
-        return None
-    if written.tzinfo is None or utcnow() - written > JOURNAL_TTL:
-        return None
-    return entry
-
-
-def write_journal(scope: str, entry: dict) -> None:
-    """Journal a step of a promotion for ``scope`` (stamped with the time it was written)."""
-    Variable.set(journal_name(scope), {**entry, "written_at": utcnow().isoformat()}, overwrite=True)
-
-
-def confirm_lag_after_fence(report: RecoveryReport, cluster: PostgresCluster, chosen: int, failed_port: int,
-                            fenced: dict, lost_at: datetime, rpo: float, wait_seconds: float = 60) -> str | None:
-    """Check, after the old primary is fenced, that promoting ``chosen`` loses no more than was approved.
-
-    A fenced primary that answered named its last WAL position: the candidate must replay it (bounded
-    wait). Otherwise the lag is measured again and held against the RPO or the approver's acceptance.
-
-    Returns:
-        None to go on, or a message why nothing is promoted.
-    """
-    final = fenced.get("final_lsn")
-    if final and wait_for_replay(cluster, chosen, final, wait_seconds):
-        report.facts["replayed before promotion"] = f"{cluster.instance_at(chosen).address} replayed {final}"
-        return None
-    lag = measure_replica_lag(cluster, chosen, failed_port, lost_at)
-    report.facts["replica lag at promotion"] = {"bytes": lag.bytes, "seconds": lag.seconds, "detail": lag.detail}
-    accepted = bool(report.approvals and report.approvals[-1].details.get("accept_data_loss"))
-    if lag.within(rpo) or accepted:
-        report.rpo_seconds = lag.seconds
-        return None
-    return (f"After fencing, {cluster.instance_at(chosen).address} is "
-            f"{'an unknown time' if lag.seconds is None else f'{lag.seconds:.1f} s'} behind (RPO {rpo} s) and the "
-            f"approval did not accept data loss; the old primary is {fenced['state']} and nothing was promoted.")
-
-
-def clear_journal(scope: str) -> None:
-    Variable.unset(journal_name(scope))
-
-
-def decide(report: RecoveryReport, approval_policy: str, approvers: list[str], timeout_seconds: int,
-           poll_seconds: float, preview: str, lag_within_rpo: bool):
-    """Record the approval; returns (outcome name or None when approved to go on, message)."""
-    decision = approval_step(report, approval_policy, preview, approvers, timeout_seconds, poll_seconds,
-                             decision_model=FailoverDecision)
-    if decision is None:
-        return "ApprovalTimedOut", "Failover was not approved in time; nothing was changed."
-    if not decision.approved:
-        return "Rejected", f"Failover was rejected by {decision.approver}; nothing was changed."
-    if not lag_within_rpo:
-        with report.step("Data loss above the RPO") as step:
-            if not decision.details.get("accept_data_loss"):
-                step.outcome = "blocked"
-                step.detail = f"approved by {decision.approver}, who did not accept the stated data loss"
-                return "LagAboveRpo", ("The replica lag is above the RPO (or unknown) and the approval did not "
-                                       "accept the stated data loss; nothing was promoted.")
-            step.detail = f"accepted by {decision.approver}"
-    return None, ""
-
-
-def finish_refused(report: RecoveryReport, name: str, message: str) -> State:
-    report.outcome, report.summary = name, message
-    get_run_logger().warning(message)
-    if name == "Rejected":
-        return Cancelled(name=name, message=message)
-    return Failed(name=name, message=message)
 
 
 @recovery_flow(name="database-server-failover", description="Promote the healthiest replica within the RPO and repoint the apps.")
@@ -201,31 +86,19 @@ def db_failover(
         incident_id: identifies the incident; derived from the inputs when empty.
         lock_wait_seconds: how long to wait for another recovery of the same cluster to finish.
     """
-    approvers = list(allowed_approvers or [])
-    restarts = list(restart_deployments or [])
-    started = utcnow()
-    detected = incident_detected_at or started
-    report = RecoveryReport(
-        scenario=SCENARIO, incident_id=incident_id or "unassigned", target=cluster_block,
-        flow_run_id=str(runtime.flow_run.id) if runtime.flow_run.id else None, drill=drill, dry_run=dry_run,
-        incident_detected_at=detected, started_at=started, rto_objective_seconds=0, rpo_objective_seconds=0,
-        recovery_target="the healthiest replica within the RPO",
+    restarts, queries = list(restart_deployments or []), list(smoke_queries or [])
+    run = Recovery(
+        SCENARIO, target=cluster_block, detected_at=incident_detected_at or utcnow(),
+        approval=Approval.of(approval_policy, allowed_approvers, approval_timeout_seconds, approval_poll_seconds),
+        drill=drill, dry_run=dry_run, objectives_block=objectives_block, business_function=business_function,
+        recovery_target="the healthiest replica within the RPO", incident_id=incident_id,
     )
-    try:
-        with report.step("Preflight: validate inputs") as step:
-            check_parameters()
-            if detected.tzinfo is None:
-                raise InvalidInput(f"incident_detected_at {detected.isoformat()} has no time zone")
-            if detected > started:
-                raise InvalidInput(f"incident_detected_at {detected.isoformat()} is in the future")
-            check_approval_settings(approval_policy, approvers, approval_timeout_seconds, drill)
-            objectives = load_block(RecoveryObjectives, objectives_block,
-                                    default=RecoveryObjectives() if objectives_block == "default" else None)
-            objective = objectives.for_function(business_function)
-            report.rto_objective_seconds, report.rpo_objective_seconds = objective.rto_seconds, objective.rpo_seconds
+    report = run.report
+    with run, timed_steps(run):
+        # 1. Preflight: the cluster, the failed instance and the applications' secret exist.
+        with run.preflight() as step:
             cluster = load_block(PostgresCluster, cluster_block)
-            if approval_policy == "auto" and cluster.environment == "production":
-                raise InvalidInput(f"approval policy 'auto' is refused for {cluster_block!r}: its environment is production")
+            run.refuse_unsafe_policy(cluster_block, cluster.environment)
             failed = cluster.instance_at(failed_port if failed_port is not None else cluster.primary.port)
             if len(cluster.instances()) < 2:
                 raise InvalidInput(f"cluster {cluster_block!r} has no replica to fail over to")
@@ -236,149 +109,134 @@ def db_failover(
                     read_replicas(kube, name)  # an unknown deployment is refused here, before any change
             elif database_secret or restarts:
                 raise InvalidInput("database_secret and restart_deployments need kubernetes_target")
-            if smoke_queries:
+            if queries:
                 # Parsed and planned (never run) on a server that answers, before anything changes.
                 probe = next((i.port for i in cluster.instances() if i.port != failed.port and cluster.is_reachable(i.port)),
                              None)
                 if probe is not None:
-                    check_database_inputs(cluster, smoke_queries=list(smoke_queries), port=probe)
-            report.incident_id = incident_id or failover_key(f"{cluster_block}-{failed.port}", detected)
-            step.detail = f"failed server {failed.address}; incident {report.incident_id}"
+                    check_database_inputs(cluster, smoke_queries=queries, port=probe)
+            run.assign_incident(incident_id, f"{cluster_block}-{failed.port}")
+            step.detail = f"failed server {failed.address}; incident {run.incident_id}"
 
-        with recovery_lock(cluster_block, lock_wait_seconds, runtime.flow_run.id) as lock:
-            get_run_logger().info("Holding %s for incident %s", lock, report.incident_id)
-            return _fail_over(cluster, failed.port, kube, database_secret, database_secret_key, restarts,
-                              list(smoke_queries or []), report, objective.rpo_seconds, approval_policy, approvers,
-                              approval_timeout_seconds, approval_poll_seconds, dry_run)
-    except BaseException as exc:
-        report.outcome = report.outcome_for(exc)
-        report.summary = report.summary or f"The failover stopped: {exc}"
-        raise
-    finally:
-        report.ended_at = utcnow()
-        report.facts["step seconds"] = {s.step: round((s.end - s.start).total_seconds(), 3) for s in report.steps if s.end}
-        publish_evidence(report)
+        with run.locks(cluster_block, wait_seconds=lock_wait_seconds):
+            # 2. The replica least behind, within the RPO; a replica an earlier run promoted is kept.
+            with run.step("Assess the cluster") as step:
+                roles = read_roles(cluster)
+                writers = [p for p, r in roles.items() if r == "primary" and p != failed.port]
+                report.facts["roles before"] = step.detail = ", ".join(f"{p}: {r}" for p, r in sorted(roles.items()))
+            journal = read_journal(cluster_block, run.incident_id) or {}
+            if writers and journal.get("promoted_port") not in writers:
+                return finish_refused(run, "UnexpectedPrimary",
+                                      f"{cluster.instance_at(writers[0]).address} is already a primary, but no failover "
+                                      f"of {cluster_block} promoted it; resolve the topology by hand. Nothing was changed.")
+            if writers:
+                # An earlier run of this failover promoted a replica already (journalled): finish what is left.
+                chosen, lag_within, lag_text = writers[0], True, "promotion done earlier; not measured again"
+                report.facts["chosen replica"] = cluster.instance_at(chosen).address
+                report.rpo_seconds = None
+            else:
+                best = _rank(run, cluster, failed.port)
+                if isinstance(best, State):
+                    return best
+                chosen, lag_within, lag_text = best.port, best.within(report.rpo_objective_seconds), best.detail
+
+            # 3. The plan; a named approver approves it, seeing the lag and the data loss it implies.
+            new, new_dsn = cluster.instance_at(chosen), dsn_for(cluster, chosen)
+            plan = [f"old primary {failed.address}: {roles.get(failed.port)} -> fenced"
+                    + (" and stopped" if failed.data_directory else "") + " (or recorded unreachable)",
+                    f"database {new.address}: {roles.get(chosen)} -> primary (promoted, open for writes)"]
+            if kube and database_secret:
+                plan.append(f"secret {kube.namespace}/{database_secret} key {database_secret_key}: current DSN -> {new_dsn}")
+            plan += [f"deployment {kube.namespace}/{name}: rollout restart" for name in restarts] if kube else []
+            plan.append(f"verify {new.address} takes writes and answers {len(queries)} queries")
+            if writers and dry_run:
+                plan.insert(0, f"the promotion of {new.address} was journalled by an earlier run of incident "
+                               f"{journal.get('incident_id') or run.incident_id}: a real run would confirm it, promote "
+                               "nothing twice and finish the steps below")
+            if dry_run:
+                return run.planned(plan)
+            report.plan = plan
+            stopped = decide(run, _preview(run, failed.address, new.address, lag_text, lag_within), lag_within)
+            if stopped is not None:
+                return stopped
+
+            # 4. Fence the old primary, or prove it unreachable: never two writers.
+            with run.step("Fence the old primary") as step:
+                fenced = fence_old_primary(cluster, failed.port)
+                report.facts["old primary"] = step.detail = f"{fenced['address']}: {fenced['state']}"
+            if not writers:
+                with run.step("Confirm the lag after fencing") as step:
+                    refusal = confirm_lag_after_fence(run, cluster, chosen, failed.port, fenced, run.detected_at)
+                    step.detail = refusal or report.facts.get("replayed before promotion") or "within what was approved"
+                if refusal:
+                    return finish_refused(run, "LagAboveRpo", refusal)
+
+            # 5. Promote the chosen replica.
+            with run.step("Promote the replica") as step:
+                promotion = promote_journalled(run, cluster, chosen, cluster_block)
+                record_replica_promotion(run, promotion, timeline=promotion.timeline)
+                step.detail = f"{promotion.address} is the primary (already: {promotion.already_primary})"
+
+            # 6. Repoint the applications and restart them.
+            if kube and database_secret:
+                with run.step("Repoint the applications") as step:
+                    set_app_secret(kube, database_secret, database_secret_key, new_dsn)
+                    for name in restarts:
+                        restart_rollout(kube, name)
+                    step.detail = (f"{database_secret}.{database_secret_key} -> {new_dsn}; "
+                                   f"restarted {', '.join(restarts) or 'nothing'}")
+
+            # 7. Verify: the new primary takes writes and answers the sentinel queries.
+            with run.step("Verify the new primary") as step:
+                report.add_checks("new primary", smoke_test_sql(cluster, chosen, queries))
+                failed_checks = report.failed_critical("new primary")
+                step.outcome = "ok" if not failed_checks else "failed"
+                step.detail = f"{len(failed_checks)} critical failures"
+            if report.failed_critical():
+                return run.finish("VerificationFailed",
+                                  f"{new.address} was promoted but verification failed; see Verification Results.")
+            run.mark_restored()
+            return run.finish("FailedOver", f"{new.address} is the primary of {cluster_block}; the applications use "
+                              f"{new_dsn}.", action_items=[f"rebuild {failed.address} as a replica of {new.address} "
+                                                           "(pg_rewind or a fresh clone)"])
 
 
-def _fail_over(cluster, failed_port, kube, secret, secret_key, restarts, queries, report, rpo, approval_policy,
-               approvers, approval_timeout_seconds, approval_poll_seconds, dry_run) -> State:
-    failed = cluster.instance_at(failed_port)
-    with report.step("Assess the cluster") as step:
-        roles = read_roles(cluster)
-        writers = [p for p, r in roles.items() if r == "primary" and p != failed_port]
-        report.facts["roles before"] = ", ".join(f"{p}: {r}" for p, r in sorted(roles.items()))
-        step.detail = report.facts["roles before"]
-    journal = read_journal(report.target, report.incident_id) or {}
-    if writers and journal.get("promoted_port") not in writers:
-        return finish_refused(report, "UnexpectedPrimary",
-                              f"{cluster.instance_at(writers[0]).address} is already a primary, but no failover of "
-                              f"{report.target} promoted it; resolve the topology by hand. Nothing was changed.")
-    if writers:
-        # An earlier run of this failover promoted a replica already (journalled): finish what is left.
-        chosen = writers[0]
-        lag_within, lag_text = True, "promotion done earlier; not measured again"
-        report.facts["chosen replica"] = cluster.instance_at(chosen).address
-        report.rpo_seconds = None
-    else:
-        with report.step("Rank the replicas") as step:
-            lags = rank_replicas(cluster, failed_port, report.incident_detected_at)
-            report.facts["replica lag"] = [f"{lag.address}: {lag.bytes} bytes, "
-                                           f"{'unknown' if lag.seconds is None else f'{lag.seconds:.1f}'} s ({lag.measured_from})"
-                                           for lag in lags]
-            if not lags:
-                step.outcome, step.detail = "failed", "no reachable replica"
-                return finish_refused(report, "NoCandidate",
-                                      f"No replica of {report.target} answers; nothing to promote.")
-            off_timeline = [lag for lag in lags if not lag.on_history]
-            if off_timeline:
-                report.facts["not promotion candidates"] = [lag.detail for lag in off_timeline]
-            if len(off_timeline) == len(lags):
-                step.outcome, step.detail = "failed", "; ".join(lag.detail for lag in off_timeline)
-                return finish_refused(report, "NoCandidate",
-                                      f"No replica of {report.target} is on the primary's timeline: "
-                                      f"{'; '.join(lag.detail for lag in off_timeline)}. Nothing was changed.")
-            best = lags[0]
-            chosen = best.port
-            lag_within = best.within(rpo)
-            lag_text = best.detail
-            report.rpo_seconds = best.seconds
-            report.last_restored_commit = best.last_replayed_commit
-            report.facts["chosen replica"] = best.address
-            step.detail = (f"{best.address}: {best.bytes} bytes, "
-                           f"{'unknown' if best.seconds is None else f'{best.seconds:.1f}'} s behind "
-                           f"(RPO {rpo} s: {'within' if lag_within else 'ABOVE'})")
+def _rank(run: Recovery, cluster: PostgresCluster, failed_port: int) -> ReplicaLag | State:
+    """The promotion candidate least behind the lost primary, or the state of a run with none."""
+    report, rpo = run.report, run.report.rpo_objective_seconds
+    with run.step("Rank the replicas") as step:
+        lags = rank_replicas(cluster, failed_port, run.detected_at)
+        report.facts["replica lag"] = [f"{lag.address}: {lag.bytes} bytes, "
+                                       f"{'unknown' if lag.seconds is None else f'{lag.seconds:.1f}'} s ({lag.measured_from})"
+                                       for lag in lags]
+        if not lags:
+            step.outcome, step.detail = "failed", "no reachable replica"
+            return finish_refused(run, "NoCandidate", f"No replica of {report.target} answers; nothing to promote.")
+        off_timeline = [lag for lag in lags if not lag.on_history]
+        if off_timeline:
+            report.facts["not promotion candidates"] = [lag.detail for lag in off_timeline]
+        if len(off_timeline) == len(lags):
+            step.outcome, step.detail = "failed", "; ".join(lag.detail for lag in off_timeline)
+            return finish_refused(run, "NoCandidate",
+                                  f"No replica of {report.target} is on the primary's timeline: "
+                                  f"{'; '.join(lag.detail for lag in off_timeline)}. Nothing was changed.")
+        best = lags[0]
+        report.rpo_seconds = best.seconds
+        report.last_restored_commit = best.last_replayed_commit
+        report.facts["chosen replica"] = best.address
+        step.detail = (f"{best.address}: {best.bytes} bytes, "
+                       f"{'unknown' if best.seconds is None else f'{best.seconds:.1f}'} s behind "
+                       f"(RPO {rpo} s: {'within' if best.within(rpo) else 'ABOVE'})")
+    return best
 
-    new = cluster.instance_at(chosen)
-    new_dsn = dsn_for(cluster, chosen)
-    plan = [f"old primary {failed.address}: {roles.get(failed_port)} -> fenced"
-            + (" and stopped" if failed.data_directory else "") + " (or recorded unreachable)",
-            f"database {new.address}: {roles.get(chosen)} -> primary (promoted, open for writes)"]
-    if kube and secret:
-        plan.append(f"secret {kube.namespace}/{secret} key {secret_key}: current DSN -> {new_dsn}")
-    plan += [f"deployment {kube.namespace}/{name}: rollout restart" for name in restarts] if kube else []
-    plan.append(f"verify {new.address} takes writes and answers {len(queries)} queries")
-    if writers and dry_run:
-        plan.insert(0, f"the promotion of {new.address} was journalled by an earlier run of incident "
-                       f"{journal.get('incident_id') or report.incident_id}: a real run would confirm it, promote "
-                       "nothing twice and finish the steps below")
-    report.plan = plan
-    if dry_run:
-        report.outcome = "DryRun"
-        report.summary = "Dry run: the plan was recorded and nothing was changed."
-        return Completed(name="DryRun", message=report.summary)
 
-    preview = "\n".join([
-        f"## Fail {report.target} over from {failed.address} to {new.address}?", "",
+def _preview(run: Recovery, old_address: str, new_address: str, lag_text: str, lag_within: bool) -> str:
+    report = run.report
+    loss = "unknown" if report.rpo_seconds is None else f"at most {report.rpo_seconds:.1f} s"
+    return "\n".join([
+        f"## Fail {report.target} over from {old_address} to {new_address}?", "",
         f"- **Replica lag**: {lag_text}",
-        f"- **Estimated data loss**: {'unknown' if report.rpo_seconds is None else f'at most {report.rpo_seconds:.1f} s'} "
-        f"of commits (RPO {rpo} s: {'within' if lag_within else '**ABOVE: tick accept_data_loss to go on**'})",
-        "", "### Changes", *[f"1. {item}" for item in plan],
+        f"- **Estimated data loss**: {loss} of commits (RPO {report.rpo_objective_seconds} s: "
+        f"{'within' if lag_within else '**ABOVE: tick accept_data_loss to go on**'})",
+        "", "### Changes", *[f"1. {item}" for item in report.plan],
     ])
-    name, message = decide(report, approval_policy, approvers, approval_timeout_seconds, approval_poll_seconds,
-                           preview, lag_within)
-    if name:
-        return finish_refused(report, name, message)
-
-    with report.step("Fence the old primary") as step:
-        fenced = fence_old_primary(cluster, failed_port)
-        report.facts["old primary"] = f"{fenced['address']}: {fenced['state']}"
-        step.detail = report.facts["old primary"]
-    if not writers:
-        with report.step("Confirm the lag after fencing") as step:
-            refusal = confirm_lag_after_fence(report, cluster, chosen, failed_port, fenced,
-                                              report.incident_detected_at, rpo)
-            step.detail = refusal or report.facts.get("replayed before promotion") or "within what was approved"
-        if refusal:
-            return finish_refused(report, "LagAboveRpo", refusal)
-    with report.step("Promote the replica") as step:
-        writers_now = list_writers(cluster)
-        if any(p != chosen for p in writers_now):
-            raise PostgresError(f"instances on ports {writers_now} accept writes; refusing to promote a second writer")
-        write_journal(report.target, {"promoted_port": chosen, "incident_id": report.incident_id, "state": "promoting"})
-        promotion = promote_replica(cluster, chosen)
-        write_journal(report.target, {"promoted_port": chosen, "incident_id": report.incident_id, "state": "promoted",
-                                      "promoted_at": promotion.promoted_at or utcnow().isoformat()})
-        report.promotion = {"endpoint": promotion.address, "already_promoted": promotion.already_primary,
-                            "promoted_at": promotion.promoted_at, "timeline": promotion.timeline}
-        step.detail = f"{promotion.address} is the primary (already: {promotion.already_primary})"
-    if kube and secret:
-        with report.step("Repoint the applications") as step:
-            set_app_secret(kube, secret, secret_key, new_dsn)
-            for name in restarts:
-                restart_rollout(kube, name)
-            step.detail = f"{secret}.{secret_key} -> {new_dsn}; restarted {', '.join(restarts) or 'nothing'}"
-    with report.step("Verify the new primary") as step:
-        report.add_checks("new primary", smoke_test_sql(cluster, chosen, queries))
-        failed_checks = report.failed_critical("new primary")
-        step.outcome = "ok" if not failed_checks else "failed"
-        step.detail = f"{len(failed_checks)} critical failures"
-    if report.failed_critical():
-        report.outcome = "VerificationFailed"
-        report.summary = f"{new.address} was promoted but verification failed; see Verification Results."
-        return Failed(name="VerificationFailed", message=report.summary)
-    report.service_restored_at = utcnow()
-    report.rto_seconds = (report.service_restored_at - report.incident_detected_at).total_seconds()
-    report.action_items.append(f"rebuild {failed.address} as a replica of {new.address} (pg_rewind or a fresh clone)")
-    report.outcome = "FailedOver"
-    report.summary = f"{new.address} is the primary of {report.target}; the applications use {new_dsn}."
-    return Completed(name="FailedOver", message=report.summary)

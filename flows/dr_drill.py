@@ -17,9 +17,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, Failed, State
 
 from blocks.errors import InvalidInput
-from runbook.parameters import check_parameters, recovery_flow
+from runbook.alerts import alert_on_call
 from runbook.evidence import utcnow
-from tasks.notify import initial_alert, send_notification
+from runbook.parameters import check_parameters, recovery_flow
 
 TEST_TYPE = "disaster_recovery_drill"
 
@@ -83,8 +83,6 @@ def dr_drill(scenario: str = "all", rows: int = 100_000, notifier: str | None = 
     unknown = [n for n in names if n not in drills.DRILLS]
     if unknown:
         raise InvalidInput(f"unknown drill {unknown[0]!r}; known: {', '.join(drills.DRILLS)}, all")
-    if rows < 1000:
-        raise InvalidInput(f"rows {rows} is too small for a meaningful drill; use at least 1000")
     started = utcnow()
     run_id = str(runtime.flow_run.id) if runtime.flow_run.id else "local"
     results, reports = [], []
@@ -107,8 +105,6 @@ def dr_drill(scenario: str = "all", rows: int = 100_000, notifier: str | None = 
     failed = [r for r in results if not r["passed"]]
     if failed:
         summary = "; ".join(f"{r['scenario']}: {r['outcome']}" for r in failed)
-        send_notification(notifier, initial_alert(
-            severity="P2", service=f"DR drill {scenario}", impact=f"drill failed: {summary}", started_at=started,
-            war_room=f"flow run {runtime.flow_run.name}"))
+        alert_on_call(notifier, f"DR drill {scenario}", f"drill failed: {summary}", started)
         return Failed(name="DrillFailed", message=f"{len(failed)} of {len(results)} drills failed: {summary}", data=results)
     return Completed(name="Passed", message=f"{len(results)} drills passed", data=results)

@@ -16,22 +16,20 @@ Runbook (continuity plan: "Scenario 2: Model Corruption", "Backup Strategy Tiers
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import datetime
 
-from prefect import get_run_logger, runtime
-from prefect.states import Cancelled, Completed, Failed, State
+from prefect.states import State
 
-from blocks import RecoveryObjectives
 from blocks.errors import InvalidInput
 from blocks.kubernetes import KubernetesTarget
-from blocks.models import ModelRegistry, check_name
-from blocks.postgres import CheckResult
-from runbook.parameters import check_parameters, recovery_flow
-from runbook.approval import ApprovalPolicy, approval_step, check_approval_settings
 from blocks.loading import load_block
-from runbook.evidence import RecoveryReport, publish_evidence, utcnow
+from blocks.models import ModelRegistry, RestoredModel, check_name
+from blocks.results import CheckResult
+from runbook.evidence import utcnow
+from runbook.parameters import recovery_flow
+from runbook.run import Approval, ApprovalPolicy, Recovery
 from tasks.kubernetes import restart_rollout, stop_training_jobs, wait_for_rollout
-from runbook.locks import recovery_lock
 from tasks.models import (
     check_model_function,
     flip_production_pointer,
@@ -45,27 +43,70 @@ from tasks.models import (
 SCENARIO = "model-corruption"
 
 
-def _preview(report: RecoveryReport, model: str, version: str, previous: str | None) -> str:
+@dataclass(frozen=True)
+class Workloads:
+    """The model's workloads in Kubernetes: training Jobs stopped before the promotion, serving restarted after."""
+
+    kube: KubernetesTarget | None
+    job_selector: str | None
+    delete_jobs: bool
+    deployments: tuple[str, ...]
+    rollout_timeout: float
+
+    @property
+    def training(self) -> bool:
+        return bool(self.job_selector and self.kube)
+
+    def stop_training(self, run: Recovery, delete: bool) -> None:
+        """Suspend (or, after the approval, delete) the training Jobs, recorded as one step."""
+        name, fact = ("Delete training jobs", "training jobs deleted") if delete else ("Suspend training jobs", "training jobs")
+        with run.step(name) as step:
+            done = stop_training_jobs(self.kube, self.job_selector, delete)
+            run.report.facts[fact] = [f"{s['job']}: {s['action']}" for s in done] or ["none found"]
+            step.detail = "; ".join(f"{s['job']} {s['action']}" for s in done) or f"no Job matches {self.job_selector}"
+
+    def restart_serving(self, run: Recovery) -> None:
+        with run.step("Restart serving") as step:
+            details = []
+            for name in self.deployments:
+                stamp = restart_rollout(self.kube, name)
+                status = wait_for_rollout(self.kube, name, self.rollout_timeout)
+                details.append(f"{name} restarted at {stamp}: {status.message}")
+            run.report.facts["serving restarted"] = details
+            step.detail = "; ".join(details)
+
+
+def _record_candidate(run: Recovery, restored: RestoredModel) -> list[str]:
+    damaged = [a.file for a in restored.damaged]
+    run.report.candidate = {"directory": restored.directory, "damaged": damaged,
+                            "artifacts": {a.file: {"object_version": a.version_id, "current_ok": a.current_ok,
+                                                   "sha256": a.sha256} for a in restored.artifacts}}
+    return damaged
+
+
+def _passed(run: Recovery, stage: str, results: list[CheckResult]) -> bool:
+    """Record the checks of ``stage``; whether none of its critical checks failed."""
+    run.report.add_checks(stage, results)
+    return not run.report.failed_critical(stage)
+
+
+def _preview(run: Recovery, model: str, version: str, previous: str | None) -> str:
+    report = run.report
     failed = report.failed_critical()
     restored = report.candidate or {}
-    lines = [
+    return "\n".join([
         f"## Promote `{model}` version `{version}` to production?",
         "",
         f"- **Production pointer now**: {previous or 'unset'}",
         f"- **Restored into**: {restored.get('directory')}",
         f"- **Damaged in the bucket (restored from older object versions)**: {', '.join(restored.get('damaged') or []) or 'none'}",
         "",
-        "| Check | Result | Detail |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {c.name} | {'pass' if c.passed else 'FAIL'} | {c.detail} |" for c in report.checks]
-    lines += [
+        *report.checks_markdown(),
         "",
         f"Approving makes the verified object versions current again, points production at `{version}` "
         f"(was `{previous or 'unset'}`) and restarts serving. Rejecting promotes nothing; training stays stopped.",
         "" if not failed else f"**{len(failed)} critical check(s) failed.**",
-    ]
-    return "\n".join(lines)
+    ])
 
 
 @recovery_flow(name="model-corruption-recovery",
@@ -114,191 +155,131 @@ def model_corruption(
         business_function: which objective applies.
         lock_wait_seconds: how long to wait for another recovery of the same model to finish.
     """
-    logger = get_run_logger()
-    approvers = list(allowed_approvers or [])
-    deployments = list(serving_deployments or [])
-    started = utcnow()
-    detected = incident_detected_at or started
-    report = RecoveryReport(
-        scenario=SCENARIO, incident_id=incident_id or "unassigned", target=f"{registry_block}/{model}",
-        flow_run_id=str(runtime.flow_run.id) if runtime.flow_run.id else None,
-        drill=drill, dry_run=dry_run, incident_detected_at=detected, started_at=started,
-        recovery_target=f"{model} {version}", rto_objective_seconds=0, rpo_objective_seconds=0,
+    run = Recovery(
+        SCENARIO, target=f"{registry_block}/{model}", detected_at=incident_detected_at or utcnow(),
+        approval=Approval.of(approval_policy, allowed_approvers, approval_timeout_seconds, approval_poll_seconds),
+        drill=drill, dry_run=dry_run, objectives_block=objectives_block, business_function=business_function,
+        recovery_target=f"{model} {version}", incident_id=incident_id,
     )
-    try:
-        with report.step("Preflight: validate inputs") as step:
-            check_parameters()
-            if detected.tzinfo is None:
-                raise InvalidInput(f"incident_detected_at {detected.isoformat()} has no time zone; give a UTC offset")
-            if detected > started:
-                raise InvalidInput(f"incident_detected_at {detected.isoformat()} is in the future")
+    report = run.report
+    with run:
+        # 1. Preflight: plain names, the estate, the incident; then the version's manifest.
+        with run.preflight() as step:
             check_name("model", model)
             check_name("version", version)
-            if incident_id:
-                check_name("incident id", incident_id)
-            if (training_job_selector or deployments) and not kube_block:
+            if (training_job_selector or serving_deployments) and not kube_block:
                 raise InvalidInput("training_job_selector and serving_deployments need kube_block")
-            if training_job_selector is not None and not training_job_selector.strip():
-                raise InvalidInput("training_job_selector is empty: it would select every Job in the namespace")
-            if rollout_timeout_seconds <= 0:
-                raise InvalidInput(f"rollout_timeout_seconds {rollout_timeout_seconds} must be positive")
-            check_approval_settings(approval_policy, approvers, approval_timeout_seconds, drill)
-            objectives = load_block(RecoveryObjectives, objectives_block,
-                                    default=RecoveryObjectives() if objectives_block == "default" else None)
-            objective = objectives.for_function(business_function)
-            report.rto_objective_seconds, report.rpo_objective_seconds = objective.rto_seconds, objective.rpo_seconds
             registry = load_block(ModelRegistry, registry_block)
             kube = load_block(KubernetesTarget, kube_block) if kube_block else None
-            environments = {registry.environment} | ({kube.environment} if kube else set())
-            if approval_policy == "auto" and "production" in environments:
-                raise InvalidInput(f"approval policy 'auto' is refused for {registry_block!r}: production estate")
-            digest = hashlib.sha256(f"{registry_block}|{model}|{version}|{detected.isoformat()}".encode()).hexdigest()
-            report.incident_id = incident_id or f"{model}-{detected.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}-{digest[:6]}"
-            step.detail = f"restore {model} {version}; incident {report.incident_id}"
+            run.refuse_unsafe_policy(registry_block, registry.environment)
+            if kube is not None:
+                run.refuse_unsafe_policy(kube_block, kube.environment)
+            workloads = Workloads(kube, training_job_selector, delete_training_jobs, tuple(serving_deployments or []),
+                                  rollout_timeout_seconds)
+            run.assign_incident(incident_id, model, registry_block, version)
+            step.detail = f"restore {model} {version}; incident {run.incident_id}"
 
-        with report.step("Preflight: version and manifest") as step:
+        with run.step("Preflight: version and manifest") as step:
             manifest = read_model_manifest(registry, model, version)
             previous = read_production_pointer(registry, model)
             report.facts.update({"model": model, "version": version, "production before": previous or "unset",
                                  "artifacts": sorted(manifest.artifacts),
                                  "manifest sha256": hashlib.sha256(manifest.model_dump_json().encode()).hexdigest()})
             step.detail = f"{len(manifest.artifacts)} artifacts; production points to {previous or 'nothing'}"
+        was = previous or "nothing"
 
-        with recovery_lock(f"models-{registry_block}-{model}", lock_wait_seconds, runtime.flow_run.id) as lock:
-            logger.info("Holding %s for incident %s", lock, report.incident_id)
-            return _recover(report, registry, kube, model, version, manifest, previous, training_job_selector,
-                            delete_training_jobs, deployments, rollout_timeout_seconds, approval_policy, approvers,
-                            approval_timeout_seconds, approval_poll_seconds, dry_run)
-    except BaseException as exc:
-        report.outcome = report.outcome_for(exc)
-        report.summary = report.summary or f"The recovery stopped: {exc}"
-        raise
-    finally:
-        report.ended_at = utcnow()
-        publish_evidence(report)
+        with run.locks(f"models-{registry_block}-{model}", wait_seconds=lock_wait_seconds):
+            restore_dir = f"{registry.restore_directory.rstrip('/')}/{model}/{version}-{run.incident_id}"
+            selector, namespace = workloads.job_selector, kube.namespace if kube else None
+            plan = [
+                f"download the {len(manifest.artifacts)} artifacts of {model} {version} into {restore_dir}, each from "
+                "the newest object version matching the manifest's sha256",
+                (f"suspend training Jobs matching {selector!r} in {namespace}" if workloads.training
+                 else "no training Jobs to stop (no selector given)"),
+                "load the restored model and reproduce its golden outputs",
+                run.approval.describe(),
+                *([f"delete the suspended training Jobs matching {selector!r} in {namespace}"]
+                  if workloads.delete_jobs and workloads.training else []),
+                "make the verified object versions current again where the bucket's current object is damaged",
+                "check every current object of the version against its manifest's sha256; stop here if one differs",
+                f"production pointer {registry.pointer_key(model)}: {previous or 'unset'} -> {version} (compare-and-swap)",
+                f"restart {', '.join(workloads.deployments) or 'no deployments'} and wait until ready",
+            ]
+            if dry_run:
+                return run.planned(plan)
+            report.plan = plan
 
+            # 1. Restore every artifact from an object version whose sha256 matches the manifest.
+            with run.step("Restore and sha256-verify the version") as step:
+                restored = restore_model_version(registry, model, version, restore_dir)
+                damaged = _record_candidate(run, restored)
+                step.detail = (f"{len(restored.artifacts)} artifacts verified into {restored.directory}; "
+                               f"damaged in the bucket: {', '.join(damaged) or 'none'}")
 
-def _recover(report: RecoveryReport, registry: ModelRegistry, kube: KubernetesTarget | None, model: str,
-             version: str, manifest, previous: str | None, job_selector: str | None, delete_jobs: bool,
-             deployments: list[str], rollout_timeout_seconds: float, approval_policy: str, approvers: list[str],
-             approval_timeout_seconds: int, approval_poll_seconds: float, dry_run: bool) -> State:
-    restore_dir = f"{registry.restore_directory.rstrip('/')}/{model}/{version}-{report.incident_id}"
-    report.plan = [
-        f"download the {len(manifest.artifacts)} artifacts of {model} {version} into {restore_dir}, each from the "
-        "newest object version matching the manifest's sha256",
-        (f"suspend training Jobs matching {job_selector!r} in {kube.namespace}"
-         if job_selector and kube else "no training Jobs to stop (no selector given)"),
-        "load the restored model and reproduce its golden outputs",
-        "ask " + (", ".join(approvers) if approval_policy == "required" else "nobody (auto, drill)") + " to approve",
-        *([f"delete the suspended training Jobs matching {job_selector!r} in {kube.namespace}"]
-          if delete_jobs and job_selector and kube else []),
-        "make the verified object versions current again where the bucket's current object is damaged",
-        "check every current object of the version against its manifest's sha256; stop here if one differs",
-        f"production pointer {registry.pointer_key(model)}: {previous or 'unset'} -> {version} (compare-and-swap)",
-        f"restart {', '.join(deployments) or 'no deployments'} and wait until ready",
-    ]
-    if dry_run:
-        report.outcome = "DryRun"
-        report.summary = "Dry run: the plan was recorded and nothing was changed."
-        return Completed(name="DryRun", message=report.summary)
+            # 2. Suspend the training jobs so they cannot overwrite models again.
+            if workloads.training:
+                workloads.stop_training(run, delete=False)
 
-    with report.step("Restore and sha256-verify the version") as step:
-        restored = restore_model_version(registry, model, version, restore_dir)
-        damaged = [a.file for a in restored.damaged]
-        report.candidate = {"directory": restored.directory, "damaged": damaged,
-                            "artifacts": {a.file: {"object_version": a.version_id, "current_ok": a.current_ok,
-                                                   "sha256": a.sha256} for a in restored.artifacts}}
-        step.detail = (f"{len(restored.artifacts)} artifacts verified into {restored.directory}; "
-                       f"damaged in the bucket: {', '.join(damaged) or 'none'}")
+            # 3. Verify model functionality on the golden inputs.
+            with run.step("Functional check on golden inputs") as step:
+                works = _passed(run, "restored", check_model_function(registry, restored))
+                step.outcome = "ok" if works else "failed"
+                step.detail = "; ".join(f"{c.name}: {c.detail}" for c in report.checks if c.stage == "restored")
+            if not works:
+                return run.finish("VerificationFailed", f"{model} {version} failed its functional check and was not "
+                                  f"promoted; production still points to {was}.", action_items=[
+                                      f"choose another version of {model}", "resume training only once a good model serves"])
 
-    if job_selector and kube:
-        with report.step("Suspend training jobs") as step:
-            stopped = stop_training_jobs(kube, job_selector, False)
-            report.facts["training jobs"] = [f"{s['job']}: {s['action']}" for s in stopped] or ["none found"]
-            step.detail = "; ".join(f"{s['job']} {s['action']}" for s in stopped) or f"no Job matches {job_selector}"
+            # 4. Approval; only then are the training jobs deleted (when asked).
+            decision = run.approve(_preview(run, model, version, previous))
+            if decision is None or not decision.approved:
+                return run.declined(decision, f"Promotion of {model} {version}", f"production still points to {was}",
+                                    [f"inspect the restored files in {restored.directory}"])
+            if workloads.delete_jobs and workloads.training:
+                workloads.stop_training(run, delete=True)
 
-    with report.step("Functional check on golden inputs") as step:
-        report.add_checks("restored", check_model_function(registry, restored))
-        failed = report.failed_critical("restored")
-        step.outcome = "ok" if not failed else "failed"
-        step.detail = "; ".join(f"{c.name}: {c.detail}" for c in report.checks if c.stage == "restored")
-    if report.failed_critical("restored"):
-        report.outcome = "VerificationFailed"
-        report.summary = (f"{model} {version} failed its functional check and was not promoted; production still "
-                          f"points to {previous or 'nothing'}.")
-        report.action_items += [f"choose another version of {model}", "resume training only once a good model serves"]
-        return Failed(name="VerificationFailed", message=report.summary)
+            # 5. Make the verified object versions current again, and check every current object.
+            with run.step("Repair the damaged objects") as step:
+                repaired = repair_model_objects(registry, restored)
+                report.facts["repaired objects"] = repaired or ["none"]
+                step.detail = f"{len(repaired)} objects made current again"
+            with run.step("Verify the current objects before promotion") as step:
+                sound = _passed(run, "repaired", verify_model_objects(registry, model, version))
+                step.outcome = "ok" if sound else "failed"
+                step.detail = (f"{len(report.failed_critical('repaired'))} of "
+                               f"{sum(c.stage == 'repaired' for c in report.checks)} objects differ from the manifest")
+            if not sound:
+                return run.finish("VerificationFailed", f"The bucket's objects of {model} {version} still differ from "
+                                  f"the manifest after the repair; the version was not promoted and production still "
+                                  f"points to {was}.", action_items=[f"inspect the object versions of {model} {version}; "
+                                                                     f"the verified files are in {restored.directory}"])
 
-    decision = approval_step(report, approval_policy, _preview(report, model, version, previous), approvers,
-                             approval_timeout_seconds, approval_poll_seconds)
-    if decision is None or not decision.approved:
-        name = "ApprovalTimedOut" if decision is None else "Rejected"
-        report.outcome = name
-        report.summary = (f"Promotion of {model} {version} was {'not approved in time' if decision is None else 'rejected'}; "
-                          f"production still points to {previous or 'nothing'}.")
-        report.action_items.append(f"inspect the restored files in {restored.directory}")
-        return Failed(name=name, message=report.summary) if decision is None else Cancelled(name=name, message=report.summary)
+            # 6. Promote: flip the production pointer (compare-and-swap).
+            with run.step("Promote: flip the production pointer") as step:
+                flip = flip_production_pointer(registry, model, version, previous)
+                report.promotion = {**flip.as_dict(), "repaired_objects": repaired}
+                step.detail = f"{flip.key}: {flip.previous or 'unset'} -> {flip.current}" + (" (already set)" if flip.already else "")
 
-    if delete_jobs and job_selector and kube:
-        with report.step("Delete training jobs") as step:
-            deleted = stop_training_jobs(kube, job_selector, True)
-            report.facts["training jobs deleted"] = [f"{s['job']}: {s['action']}" for s in deleted] or ["none found"]
-            step.detail = "; ".join(f"{s['job']} {s['action']}" for s in deleted) or f"no Job matches {job_selector}"
+            # 7. Restart serving so it loads the version.
+            if workloads.deployments and kube:
+                workloads.restart_serving(run)
 
-    with report.step("Repair the damaged objects") as step:
-        repaired = repair_model_objects(registry, restored)
-        report.facts["repaired objects"] = repaired or ["none"]
-        step.detail = f"{len(repaired)} objects made current again"
+            # 8. Post-checks: the pointer names the version.
+            with run.step("Post-checks") as step:
+                now = read_production_pointer(registry, model)
+                serves = _passed(run, "production", [CheckResult("production pointer", now == version,
+                                                                 f"{registry.pointer_key(model)} = {now}")])
+                step.outcome = "ok" if serves else "failed"
+                step.detail = f"1 checks, {len(report.failed_critical('production'))} critical failures"
+            if not serves:
+                return run.finish("PostCheckFailed", f"{model} {version} was promoted but post-checks failed; see "
+                                  "Verification Results.")
 
-    with report.step("Verify the current objects before promotion") as step:
-        report.add_checks("repaired", verify_model_objects(registry, model, version))
-        failed = report.failed_critical("repaired")
-        step.outcome = "ok" if not failed else "failed"
-        step.detail = f"{len(failed)} of {sum(c.stage == 'repaired' for c in report.checks)} objects differ from the manifest"
-    if report.failed_critical("repaired"):
-        report.outcome = "VerificationFailed"
-        report.summary = (f"The bucket's objects of {model} {version} still differ from the manifest after the repair; "
-                          f"the version was not promoted and production still points to {previous or 'nothing'}.")
-        report.action_items.append(f"inspect the object versions of {model} {version}; the verified files are in "
-                                   f"{restored.directory}")
-        return Failed(name="VerificationFailed", message=report.summary)
-
-    with report.step("Promote: flip the production pointer") as step:
-        flip = flip_production_pointer(registry, model, version, previous)
-        report.promotion = {**flip.as_dict(), "repaired_objects": repaired}
-        step.detail = (f"{flip.key}: {flip.previous or 'unset'} -> {flip.current}"
-                       + (" (already set)" if flip.already else ""))
-
-    if deployments and kube:
-        with report.step("Restart serving") as step:
-            details = []
-            for name in deployments:
-                stamp = restart_rollout(kube, name)
-                status = wait_for_rollout(kube, name, rollout_timeout_seconds)
-                details.append(f"{name} restarted at {stamp}: {status.message}")
-            report.facts["serving restarted"] = details
-            step.detail = "; ".join(details)
-
-    with report.step("Post-checks") as step:
-        now = read_production_pointer(registry, model)
-        checks = [CheckResult("production pointer", now == version, f"{registry.pointer_key(model)} = {now}")]
-        report.add_checks("production", checks)
-        failed = report.failed_critical("production")
-        step.outcome = "ok" if not failed else "failed"
-        step.detail = f"{len(checks)} checks, {len(failed)} critical failures"
-    if report.failed_critical("production"):
-        report.outcome = "PostCheckFailed"
-        report.summary = f"{model} {version} was promoted but post-checks failed; see Verification Results."
-        return Failed(name="PostCheckFailed", message=report.summary)
-
-    report.service_restored_at = utcnow()
-    report.rto_seconds = (report.service_restored_at - report.incident_detected_at).total_seconds()
-    if manifest.created_at is not None:
-        report.last_restored_commit = manifest.created_at
-        report.rpo_seconds = max(0.0, (report.incident_detected_at - manifest.created_at).total_seconds())
-    if job_selector and kube:
-        report.action_items.append(f"resume training ({job_selector}) once the cause of the corruption is fixed")
-    report.outcome = "Recovered"
-    report.summary = f"Production serves {model} {version} again (was {previous or 'unset'}), verified on golden inputs."
-    return Completed(name="Recovered", message=report.summary)
-
+            run.mark_restored()
+            if manifest.created_at is not None:
+                report.last_restored_commit = manifest.created_at
+                report.rpo_seconds = max(0.0, (run.detected_at - manifest.created_at).total_seconds())
+            return run.finish("Recovered", f"Production serves {model} {version} again (was {previous or 'unset'}), "
+                              "verified on golden inputs.", action_items=[
+                                  f"resume training ({selector}) once the cause of the corruption is fixed"]
+                              if workloads.training else [])

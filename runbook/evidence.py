@@ -137,6 +137,15 @@ class RecoveryReport(BaseModel):
 
         return "Refused" if isinstance(exc, InvalidInput) and not self.changed_anything() else "Failed"
 
+    def checks_markdown(self, with_stage: bool = False) -> list[str]:
+        """The checks so far as a markdown table, for an approval preview."""
+        if with_stage:
+            head = ["| Check | Stage | Result | Detail |", "|---|---|---|---|"]
+            return head + [f"| {c.name} | {c.stage} | {'pass' if c.passed else 'FAIL'} | {_cell(c.detail)} |"
+                           for c in self.checks]
+        head = ["| Check | Result | Detail |", "|---|---|---|"]
+        return head + [f"| {c.name} | {'pass' if c.passed else 'FAIL'} | {_cell(c.detail)} |" for c in self.checks]
+
     def timeline_rows(self) -> list[dict]:
         return [
             {

@@ -30,6 +30,7 @@ from prefect.states import Cancelled, Completed, Failed, State
 
 from blocks import RecoveryObjectives
 from blocks.errors import InvalidInput
+from blocks.inputs import refuse_future, require_aware
 from blocks.loading import load_block
 from runbook.approval import ApprovalDecision, ApprovalPolicy, approval_step, check_approval_settings
 from runbook.evidence import ApprovalRecord, RecoveryReport, StepRecord, publish_evidence, utcnow
@@ -42,7 +43,8 @@ __all__ = ["Approval", "ApprovalPolicy", "Recovery", "incident_key", "refuse_fut
 FAILED_OUTCOMES = frozenset({
     "Failed", "Refused", "ApprovalTimedOut", "VerificationFailed", "PostCheckFailed", "HealthCheckFailed",
     "RolloutNotReady", "ReplicaIncomplete", "EvidenceNotPreserved", "HardeningFailed", "BackupValidationFailed",
-    "DrillFailed",
+    "DrillFailed", "RestoreTestFailed", "LagAboveRpo", "UnexpectedPrimary", "NoCandidate", "OutageNotConfirmed",
+    "DrDatabaseDown", "DrDatabaseOffTimeline", "SplitBrainRisk", "SplitBrain", "NotFailedOver", "PrimaryRegionUnhealthy",
 })
 CANCELLED_OUTCOMES = frozenset({"Rejected"})
 
@@ -54,20 +56,6 @@ def state_for(outcome: str, message: str) -> State:
     if outcome in FAILED_OUTCOMES:
         return Failed(name=outcome, message=message)
     return Completed(name=outcome, message=message)
-
-
-def require_aware(name: str, moment: datetime) -> datetime:
-    """Refuse a naive time, naming the parameter and value."""
-    if moment.tzinfo is None or moment.utcoffset() is None:
-        raise InvalidInput(f"{name} {moment.isoformat()} has no time zone; add an offset such as +00:00")
-    return moment
-
-
-def refuse_future(name: str, moment: datetime, now: datetime | None = None) -> None:
-    """Refuse a time later than now, naming the parameter and both values."""
-    now = now or utcnow()
-    if moment > now:
-        raise InvalidInput(f"{name} {moment.isoformat()} is in the future (now {now.isoformat()})")
 
 
 def incident_key(name: str, detected_at: datetime, *parts: object) -> str:
@@ -156,7 +144,7 @@ class Recovery:
             drill=drill, dry_run=dry_run, incident_detected_at=detected_at, started_at=self.started_at,
             recovery_target=recovery_target, rto_objective_seconds=0, rpo_objective_seconds=0,
         )
-        self._given_incident_id = incident_id
+        self.objective = None
 
     # The run as a whole ---------------------------------------------------------------------------
 
@@ -215,13 +203,15 @@ class Recovery:
         objectives = load_block(RecoveryObjectives, self.objectives_block,
                                 default=RecoveryObjectives() if self.objectives_block == "default" else None)
         objective = objectives.for_function(self.business_function)
+        self.objective = objective
         self.report.rto_objective_seconds = objective.rto_seconds
         self.report.rpo_objective_seconds = objective.rpo_seconds
 
-    def refuse_unsafe_policy(self, block_name: str, environment: str) -> None:
-        """'auto' (and 'none') approval never act on a production target."""
+    def refuse_unsafe_policy(self, block_name: str, environment: str, reversible: bool = False) -> None:
+        """'auto' approval never acts on a production target; nor does 'none', unless the step is reversible."""
         policy = self.approval.policy if self.approval is not None else None
-        if policy in ("auto", "none") and environment == "production":
+        unsafe = ("auto",) if reversible else ("auto", "none")
+        if policy in unsafe and environment == "production":
             hint = "" if policy == "auto" else "; use 'required' with named approvers"
             raise InvalidInput(f"approval policy {policy!r} is refused for {block_name!r}: its environment is "
                                f"production{hint}")
@@ -229,7 +219,7 @@ class Recovery:
     def assign_incident(self, given: str | None, name: str, *parts: object) -> str:
         """The incident id: the one given (a plain name), else one derived from the inputs."""
         if given:
-            if not INCIDENT_ID.fullmatch(given):
+            if not INCIDENT_ID.fullmatch(given) or ".." in given:
                 raise InvalidInput(f"incident_id={given!r} is not a plain name: expected letters, digits, '.', '_' "
                                    "or '-', at most 128 characters, starting with a letter or digit")
             self.report.incident_id = given

@@ -26,6 +26,7 @@ import httpx
 
 from blocks.health import HealthEndpoints
 from blocks.kubernetes import KubernetesError, KubernetesTarget, RolloutNotReady
+from sandbox import addresses
 from sandbox.drillkit import DrillResult, save_report
 from sandbox.drillkit import check as _check
 
@@ -126,12 +127,11 @@ def app_rollback_unhealthy_service(rows: int = 0) -> DrillResult:
 
 def _rollback_drill(service_works: bool) -> DrillResult:
     from flows.app_rollback import app_rollback as rollback_flow
-    from sandbox import estate
     from sandbox.services import endpoints
     from runbook.evidence import load_report
 
     ep = endpoints()
-    info = estate.info()
+    info = addresses.info()
     target = KubernetesTarget.load(APPS_BLOCK)
     health = HealthEndpoints.load(STOREFRONT_HEALTH)
     _seed_good_storefront(target)

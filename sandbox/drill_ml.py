@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sandbox import addresses
 from sandbox.drillkit import DrillResult, save_report
 from sandbox.drillkit import check as _check
 
@@ -90,9 +91,7 @@ def _serving_manifest() -> dict:
 
 
 def _result(scenario: str, report, flow_run_id: str, report_path, checks: list[dict], extra: dict) -> DrillResult:
-    from sandbox import estate
-
-    info = estate.info()
+    info = addresses.info()
     return DrillResult(
         scenario=scenario, passed=all(c["passed"] for c in checks),
         rto_seconds=report.rto_seconds, rto_objective_seconds=report.rto_objective_seconds,

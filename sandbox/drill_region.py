@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 import httpx
 import psycopg
 
-from sandbox import estate, pgcluster
+from sandbox import addresses, pgcluster
 from sandbox.drillkit import DrillResult, save_report
 from sandbox.drillkit import check as _check
 
@@ -65,7 +65,7 @@ def save_blocks(ep) -> None:
     from blocks.kubernetes import KubernetesTarget
     from blocks.region import Region
 
-    lay = estate.layout(ep.root)
+    lay = addresses.layout(ep.root)
     credentials = ep.aws_credentials()
     zone = DnsZone(hosted_zone_id=_zone_id(credentials),
                    records=[DnsRecord(name=f"api.{ZONE_NAME}"), DnsRecord(name=f"app.{ZONE_NAME}")],
@@ -77,7 +77,7 @@ def save_blocks(ep) -> None:
         KubernetesTarget(api_server=ep.kube_url, namespace=NAMESPACES[region], verify_tls=False, environment="sandbox",
                          region=region, deployments=dict(DEPLOYMENTS), rollout_timeout_seconds=60,
                          poll_interval_seconds=0.1).save(KUBE_BLOCKS[region], overwrite=True)
-        Region(name=region, postgres_cluster=estate.CLUSTER_BLOCK, postgres_port=port,
+        Region(name=region, postgres_cluster=addresses.CLUSTER_BLOCK, postgres_port=port,
                kubernetes_target=KUBE_BLOCKS[region],
                health_endpoints={s: f"{ep.health_url}/{region}/{s}/health" for s in SERVICES},
                dns_target=target, database_secret=SECRET).save(region, overwrite=True)
@@ -114,14 +114,14 @@ def prepare() -> Sandbox:
     from sandbox.services import endpoints
 
     ep = endpoints()
-    lay = estate.layout(ep.root)
+    lay = addresses.layout(ep.root)
     save_blocks(ep)
-    from flows.db_failover import clear_journal
+    from runbook.failover import clear_journal
 
-    cluster = PostgresCluster.load(estate.CLUSTER_BLOCK)
+    cluster = PostgresCluster.load(addresses.CLUSTER_BLOCK)
     restore_topology(cluster, lay)
     # The topology is rebuilt: promotions journalled by earlier (failed) drills no longer describe it.
-    clear_journal(estate.CLUSTER_BLOCK)
+    clear_journal(addresses.CLUSTER_BLOCK)
     clear_journal(f"estate-{ZONE_BLOCK}")
     zone = DnsZone.load(ZONE_BLOCK)
     zone.cutover(zone.primary_target)
@@ -233,7 +233,7 @@ def _measure_loss(sb: Sandbox, load: WriteLoad, port: int) -> tuple[int, float]:
 
 
 def _result(scenario: str, report, flow_run_id: str, report_path, checks: list[dict], extra: dict) -> DrillResult:
-    info = estate.info()
+    info = addresses.info()
     return DrillResult(
         scenario=scenario, passed=all(c["passed"] for c in checks), rto_seconds=report.rto_seconds,
         rto_objective_seconds=report.rto_objective_seconds, rpo_seconds=report.rpo_seconds,
@@ -244,10 +244,10 @@ def _result(scenario: str, report, flow_run_id: str, report_path, checks: list[d
 
 def regional_outage(rows: int = 100_000) -> DrillResult:
     """Lose the primary region under a write load; fail over to the DR region, then fail back."""
-    from flows.db_failover import clear_journal
     from flows.regional_failback import regional_failback
     from flows.regional_failover import regional_failover
     from runbook.evidence import load_report
+    from runbook.failover import clear_journal
 
     sb = prepare()
     load = _start_load(sb, rows)
@@ -304,8 +304,9 @@ def regional_outage(rows: int = 100_000) -> DrillResult:
 
 def db_server_failure(rows: int = 100_000) -> DrillResult:
     """Lose the primary server under a write load; fail over to the replica, then restore the topology."""
-    from flows.db_failover import clear_journal, db_failover
+    from flows.db_failover import db_failover
     from runbook.evidence import load_report
+    from runbook.failover import clear_journal
 
     sb = prepare()
     load = _start_load(sb, rows)
@@ -313,7 +314,7 @@ def db_server_failure(rows: int = 100_000) -> DrillResult:
     pgcluster.stop(sb.layout.primary_dir, "immediate")
     load.stop()
     kube = sb.kubes[PRIMARY_REGION]
-    state = db_failover(cluster_block=estate.CLUSTER_BLOCK, incident_detected_at=outage_at,
+    state = db_failover(cluster_block=addresses.CLUSTER_BLOCK, incident_detected_at=outage_at,
                         kubernetes_target=KUBE_BLOCKS[PRIMARY_REGION], database_secret=SECRET,
                         restart_deployments=["auth", "core-api"], smoke_queries=["SELECT count(*) FROM drill_region.writes"],
                         approval_policy="auto", drill=True, return_state=True)
@@ -332,7 +333,7 @@ def db_server_failure(rows: int = 100_000) -> DrillResult:
                    f"{lost_rows} acknowledged rows missing, {lost_seconds:.3f} s of commits"),
         ]
     restore_topology(sb.cluster, sb.layout)
-    clear_journal(estate.CLUSTER_BLOCK)  # the failover is undone: a later one starts afresh
+    clear_journal(addresses.CLUSTER_BLOCK)  # the failover is undone: a later one starts afresh
     kube.set_secret_value(SECRET, "DATABASE_URL", sb.layout.dsn(sb.P))
     topology = sb.cluster.writers() == [sb.P] and pgcluster.replica_streaming(sb.layout)
     checks.append(_check("original topology restored", topology, f"writers {sb.cluster.writers()}"))

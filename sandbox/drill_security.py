@@ -27,7 +27,7 @@ from pydantic import SecretStr
 from blocks.aws_security import IamPrincipals, QuarantineSecurityGroup, SecretsManagerStore
 from blocks.evidence_vault import EvidenceVault
 from blocks.kubernetes import KubernetesTarget
-from sandbox import pgcluster
+from sandbox import addresses, pgcluster
 from sandbox.drillkit import DrillResult, save_report
 from sandbox.drillkit import check as _check
 
@@ -243,9 +243,8 @@ def _outcome_checks(cluster, store, kube, credentials, report, lay, rows, breach
 
 def security_breach(rows: int = 10_000) -> DrillResult:
     """Plant a compromised key, role, workload, instance and secret on the sandbox; contain, rotate, restore."""
-    from sandbox import estate
     from sandbox.services import endpoints
 
     ep = endpoints()
-    info = estate.info()
-    return run_drill(ep, estate.layout(), estate.CLUSTER_BLOCK, estate.OBJECTIVES_BLOCK, rows, info.root, info.ui_url)
+    info = addresses.info()
+    return run_drill(ep, addresses.layout(), addresses.CLUSTER_BLOCK, addresses.OBJECTIVES_BLOCK, rows, info.root, info.ui_url)

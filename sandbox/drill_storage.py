@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 
 from blocks.object_store import ObjectStore
 from blocks.redis_cache import RedisCache
+from sandbox import addresses
 from sandbox.drillkit import DrillResult, save_report
 from sandbox.drillkit import check as _check
 
@@ -89,10 +90,9 @@ def object_storage(rows: int = 100_000) -> DrillResult:
             between 100 and 5,000 objects.
     """
     from flows.object_storage_recovery import object_storage_recovery
-    from sandbox import estate
     from runbook.evidence import load_report
 
-    info = estate.info()
+    info = addresses.info()
     store = ObjectStore.load(STORE_BLOCK)
     s3 = _s3(store)
     _prepare_buckets(s3)
@@ -186,10 +186,9 @@ def cache(rows: int = 100_000) -> DrillResult:
     import redis
 
     from flows.cache_recovery import cache_recovery
-    from sandbox import estate
     from runbook.evidence import load_report
 
-    info = estate.info()
+    info = addresses.info()
     block = RedisCache.load(CACHE_BLOCK)
     keys = min(max(rows // 50, 100), 20_000)
     client = redis.Redis(host=block.host, port=block.port, db=block.db, decode_responses=True)

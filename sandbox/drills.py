@@ -10,7 +10,7 @@ import time
 from datetime import datetime, timezone
 
 from blocks import PostgresCluster, VerificationQuery
-from sandbox import drill_apps, drill_ml, drill_region, drill_security, drill_storage, estate, pgcluster
+from sandbox import addresses, drill_apps, drill_ml, drill_region, drill_security, drill_storage, pgcluster
 from sandbox.drillkit import DrillResult, save_report
 from sandbox.drillkit import check as _check
 from runbook.evidence import load_report
@@ -61,15 +61,15 @@ def db_corruption(rows: int = 100_000) -> DrillResult:
     """Seed >= ``rows`` rows, corrupt the database (a destructive transaction and a damaged page), recover."""
     from flows.db_corruption import db_corruption as recovery_flow
 
-    info = estate.info()
-    lay = estate.layout()
+    info = addresses.info()
+    lay = addresses.layout()
     _prune_kept_directories(lay)
     customers, orders = rows // 5, rows // 2
     payments = rows - customers - orders
     # Replaces whatever an earlier drill left, damaged pages included, before the replica is cloned.
     pgcluster.psql(lay, lay.primary_port, SEED_SQL.format(customers=customers, orders=orders, payments=payments))
     pgcluster.ensure_replica(lay)
-    cluster = PostgresCluster.load(estate.CLUSTER_BLOCK)
+    cluster = PostgresCluster.load(addresses.CLUSTER_BLOCK)
     cluster.backup("full")
 
     # Work that must survive: committed before the recovery target.
@@ -94,7 +94,7 @@ def db_corruption(rows: int = 100_000) -> DrillResult:
                           sql="SELECT count(*) FROM drill.customers WHERE email = 'x'", expected="0"),
     ]
     state = recovery_flow(
-        cluster_block=estate.CLUSTER_BLOCK,
+        cluster_block=addresses.CLUSTER_BLOCK,
         recovery_target=target.isoformat(),
         incident_detected_at=detected,
         verification_queries=queries,
@@ -159,7 +159,7 @@ def save_assurance_blocks(ep) -> None:
     from blocks.backup_sources import BackupSources, ObjectPrefixSource, PgBackRestSource
 
     BackupSources(
-        pgbackrest=[PgBackRestSource(cluster_block=estate.CLUSTER_BLOCK)],
+        pgbackrest=[PgBackRestSource(cluster_block=addresses.CLUSTER_BLOCK)],
         object_prefixes=[
             # Qdrant exports keep their sha256 beside the export and model manifests list theirs:
             # neither is in the form the validator reads, so their checksums are checked by their flows.

@@ -13,12 +13,13 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 
 from sandbox import pgcluster, services
+from sandbox.addresses import CLUSTER_BLOCK, OBJECTIVES_BLOCK, SandboxInfo, info, layout
 from sandbox.paths import (
     REPO_ROOT,
     ensure_state,
@@ -30,26 +31,7 @@ from sandbox.paths import (
     state_dir,
 )
 
-CLUSTER_BLOCK = "sandbox"
-OBJECTIVES_BLOCK = "default"
 WORK_POOL = "dr-process"
-
-
-@dataclass(frozen=True)
-class SandboxInfo:
-    root: Path
-    ui_url: str
-    api_url: str
-    primary_dsn: str
-    replica_dsn: str
-    cluster_block: str
-    warnings: tuple[str, ...] = ()
-
-
-def layout(root: Path | None = None) -> pgcluster.ClusterLayout:
-    root = root or state_dir()
-    state = ensure_state(root)
-    return pgcluster.ClusterLayout(root, state["primary_port"], state["replica_port"], state["password"])
 
 
 def _bin(name: str) -> str:
@@ -205,14 +187,6 @@ def up(root: Path | None = None, deploy: bool = True) -> SandboxInfo:
         _prefect(root, state, "--no-prompt", "deploy", "--all")
         _spawn(root, state, "worker", [_bin("prefect"), "worker", "start", "--pool", WORK_POOL])
     return replace(info(root), warnings=tuple(warnings))
-
-
-def info(root: Path | None = None) -> SandboxInfo:
-    root = root or state_dir()
-    state = load_state(root)
-    lay = layout(root)
-    api = prefect_api_url(state)
-    return SandboxInfo(root, api[: -len("/api")], api, lay.dsn(lay.primary_port), lay.dsn(lay.replica_port), CLUSTER_BLOCK)
 
 
 def is_up(root: Path | None = None) -> bool:

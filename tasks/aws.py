@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from blocks.aws_security import AccessKey, IamPrincipals, Quarantine, QuarantineSecurityGroup
-from blocks.postgres import CheckResult
+from blocks.results import CheckResult
 from tasks._policy import policy
 
 

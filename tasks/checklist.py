@@ -1,7 +1,7 @@
 """The recovery validation checklist of the continuity plan, as reusable checks that return results.
 
 Each check is a task that takes the estate's blocks (or an address) and returns a
-:class:`~blocks.postgres.CheckResult` (name, passed, detail, critical); none raises for a failed
+:class:`~blocks.results.CheckResult` (name, passed, detail, critical); none raises for a failed
 check, so a flow can run the whole list and decide on the critical failures:
 
 - all pods are Running                  -> :func:`check_pods_running`
@@ -29,7 +29,8 @@ from prefect import task
 
 from blocks.errors import InvalidInput, RecoveryError
 from blocks.object_store import ObjectStore
-from blocks.postgres import CheckResult, PostgresCluster
+from blocks.postgres import PostgresCluster
+from blocks.results import CheckResult
 from blocks.qdrant import QdrantCluster
 from tasks._policy import policy
 

@@ -23,7 +23,8 @@ from prefect.blocks.system import Secret
 from pydantic import SecretStr
 
 from blocks.aws_security import AwsError, IamPrincipals, SecretsManagerStore
-from blocks.postgres import CheckResult, PostgresCluster
+from blocks.postgres import PostgresCluster
+from blocks.results import CheckResult
 from tasks._policy import policy
 
 INCIDENT_TAG = "dr:incident"

@@ -19,7 +19,8 @@ from blocks.errors import InvalidInput
 from blocks.kubernetes import KubernetesTarget
 from blocks.evidence_vault import EvidenceManifest, EvidenceVault
 from blocks.pgbackrest import BackupSet
-from blocks.postgres import CheckResult, PostgresCluster
+from blocks.postgres import PostgresCluster
+from blocks.results import CheckResult
 from tasks._policy import policy
 
 # pgBackRest records a backup's stop time in whole seconds and needs a target strictly after it.

@@ -6,7 +6,7 @@ from prefect import get_run_logger, task
 
 from blocks.errors import InvalidInput
 from blocks.models import Manifest, ModelRegistry, PointerFlip, RestoredModel
-from blocks.postgres import CheckResult
+from blocks.results import CheckResult
 from tasks._policy import policy
 
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from prefect import get_run_logger, task
 
 from blocks.errors import InvalidInput, PostgresError, PostgresUnavailable, RecoveryError
+from blocks.inputs import refuse_future
 from blocks.pgbackrest import BackupSet
-from blocks.postgres import Candidate, CheckResult, PostgresCluster, Promotion, VerificationQuery
+from blocks.postgres import Candidate, PostgresCluster, Promotion, VerificationQuery
+from blocks.results import CheckResult
 from tasks._policy import policy
 
 
@@ -247,20 +249,6 @@ def parse_recovery_target(value: str) -> datetime | str:
     if moment.tzinfo is None:
         raise InvalidInput(f"recovery target {text!r} has no time zone; add an offset such as +00:00")
     return moment
-
-
-def require_aware(name: str, moment: datetime) -> datetime:
-    """Refuse a naive time, naming the parameter and value."""
-    if moment.tzinfo is None or moment.utcoffset() is None:
-        raise InvalidInput(f"{name} {moment.isoformat()} has no time zone; add an offset such as +00:00")
-    return moment
-
-
-def refuse_future(name: str, moment: datetime, now: datetime | None = None) -> None:
-    """Refuse a time later than now, naming the parameter and both values."""
-    now = now or datetime.now(timezone.utc)
-    if moment > now:
-        raise InvalidInput(f"{name} {moment.isoformat()} is in the future (now {now.isoformat()})")
 
 
 def check_target_in_window(target: datetime, window: RecoverableWindow, now: datetime | None = None) -> None:

@@ -8,7 +8,8 @@ from prefect import task
 
 from blocks.errors import InvalidInput, PostgresError
 from blocks.health import HealthEndpoints
-from blocks.postgres import CheckResult, PostgresCluster
+from blocks.postgres import PostgresCluster
+from blocks.results import CheckResult
 from tasks._policy import policy
 
 

@@ -110,7 +110,16 @@ def test_dry_run_lists_the_flush_and_changes_nothing(redis_cache, redis_server):
 
 
 def test_inputs_are_checked_without_a_server():
-    from flows.cache_recovery import _refuse_bad_input
+    from flows.cache_recovery import CACHE_POLICIES, WarmUp
+    from runbook.run import Approval, refuse_future, require_aware
+
+    def _refuse_bad_input(detected, started, window, interval, policy, approvers, approval_timeout, drill,
+                          target_hit_rate):
+        """The cache flow's preflight checks, in their order."""
+        require_aware("incident_detected_at", detected)
+        refuse_future("incident_detected_at", detected, started)
+        Approval.of(policy, approvers, approval_timeout, allowed_policies=CACHE_POLICIES).check(drill)
+        WarmUp(window, interval, target_hit_rate).check()
 
     now = datetime.now(timezone.utc)
     good = dict(detected=now, started=now, window=60, interval=5, policy="none", approvers=[], approval_timeout=60,
@@ -121,7 +130,7 @@ def test_inputs_are_checked_without_a_server():
         ({"detected": now + timedelta(hours=1)}, "in the future"),
         ({"window": 1, "interval": 5}, "expected 0 < interval <= window"),
         ({"target_hit_rate": 1.5}, "not between 0 and 1"),
-        ({"policy": "sometimes"}, "is not 'required', 'none' or 'auto'"),
+        ({"policy": "sometimes"}, "is not one of 'required', 'none', 'auto'"),
         ({"policy": "required"}, "at least one name"),
         ({"policy": "auto"}, "only for drills"),
     ]:

@@ -105,9 +105,10 @@ def test_db_corruption_dry_rerun_of_a_journalled_promotion_changes_nothing(clust
 
 
 def test_regional_and_db_failover_dry_runs_after_journalled_work_change_nothing(regions, pair):  # noqa: F811
-    from flows.db_failover import clear_journal, db_failover, write_journal
+    from flows.db_failover import db_failover
     from flows.regional_failback import regional_failback
     from flows.regional_failover import regional_failover
+    from runbook.failover import clear_journal, write_journal
 
     r, cluster_block = regions, pair[0]
     scope = f"estate-{r.zone}"

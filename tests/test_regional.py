@@ -190,8 +190,8 @@ def test_failover_crash_after_cutover_rerun_and_failback(regions: TwoRegions):
 
 
 def test_failback_with_the_dr_database_down_is_refused_before_any_change(regions: TwoRegions):
-    from flows.db_failover import clear_journal, write_journal
     from flows.regional_failback import regional_failback
+    from runbook.failover import clear_journal, write_journal
 
     r = regions
     scope = f"estate-{r.zone}"

@@ -520,7 +520,7 @@ def test_a_role_manager_without_superuser_rights_can_set_a_password(breach_clust
 
 def test_replicas_of_the_replaced_primary_are_named_for_re_cloning():
     from blocks import PostgresCluster, PostgresInstance
-    from flows.security_breach import _replica_follow_ups
+    from runbook.breach import replica_follow_ups as _replica_follow_ups
     from runbook.evidence import RecoveryReport
 
     cluster = PostgresCluster(primary=PostgresInstance(port=5432, data_directory="/srv/pg/primary"),

@@ -1,4 +1,4 @@
-"""Restore test: the latest backup restores into a scratch instance that matches the source, and the
+"""Restore check (the restore-test flow): the latest backup restores into a scratch instance that matches the source, and the
 scratch instance is always removed, also when the restore fails."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from prefect.logging import disable_run_logger
 from blocks import VerificationQuery
 from blocks.errors import InvalidInput
 from conftest import sql
-from flows.restore_test import restore_test
+from flows.restore_check import restore_check
 from tasks.checklist import check_database_connectivity
 from runbook.evidence import load_report
 
@@ -28,12 +28,17 @@ def test_restore_matches_the_source_and_is_removed(cluster, prefect_api):
     sql(pg, "INSERT INTO accounts SELECT g, g * 10 FROM generate_series(1, 1234) g")
 
     with pytest.raises(InvalidInput, match="no_such_table"):
-        restore_test(cluster_block=name, row_count_tables=["no_such_table"])
+        restore_check(cluster_block=name, row_count_tables=["no_such_table"])
     assert leftovers(pg) == []
+    refused = restore_check(cluster_block=name, row_count_tables=["no_such_table"], return_state=True)
+    assert refused.is_failed() and "no_such_table" in str(refused.message), refused.message
+    report = load_report(refused.state_details.flow_run_id)
+    assert report.outcome == "Refused" and "no_such_table" in report.summary
+    assert [s.step for s in report.steps] == ["Preflight: source reachable, tables exist"]  # nothing to clean up
 
     queries = [VerificationQuery(name="balance total", sql="SELECT sum(balance) FROM accounts",
                                  expected=str(sum(g * 10 for g in range(1, 1235))))]
-    state = restore_test(cluster_block=name, row_count_tables=["accounts"], verification_queries=queries,
+    state = restore_check(cluster_block=name, row_count_tables=["accounts"], verification_queries=queries,
                          return_state=True)
     assert state.is_completed() and state.name == "Restored", state.message
     report = load_report(state.state_details.flow_run_id)
@@ -51,7 +56,7 @@ def test_cleanup_after_an_injected_failure(cluster, notifier, webhook, prefect_a
     name, block, pg = cluster
     # The injected failure: a sentinel query that errors while the scratch instance is up and running.
     broken = VerificationQuery(name="broken sentinel", sql="SELECT 1 / 0")
-    state = restore_test(cluster_block=name, verification_queries=[broken], notifier=notifier, return_state=True)
+    state = restore_check(cluster_block=name, verification_queries=[broken], notifier=notifier, return_state=True)
     assert state.is_failed()
     report = load_report(state.state_details.flow_run_id)
     assert report.outcome == "Failed" and "division by zero" in report.summary
@@ -73,7 +78,7 @@ def test_a_restore_that_fails_is_cleaned_up_and_alerted(cluster, notifier, webho
                           key=lambda p: p.stat().st_size)
     assert backup_files, "the fixture's full backup is in the posix repository"
     backup_files[-1].write_bytes(b"not an lz4 frame" * 64)  # the injected failure: a corrupt file in the backup set
-    state = restore_test(cluster_block=name, notifier=notifier, return_state=True)
+    state = restore_check(cluster_block=name, notifier=notifier, return_state=True)
     assert state.is_failed()
     report = load_report(state.state_details.flow_run_id)
     assert report.outcome == "Failed" and report.candidate is None
