@@ -9,15 +9,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+from botocore.exceptions import BotoCoreError, ClientError
 from prefect.blocks.core import Block
 from prefect_aws import AwsCredentials
 from pydantic import Field, SecretStr
 
+from blocks._aws import client, error_code, translate
 from blocks.errors import InvalidInput, RecoveryError
 
-TRANSIENT_CODES = {"Throttling", "ThrottlingException", "RequestLimitExceeded", "ServiceUnavailable",
-                   "InternalError", "InternalFailure", "RequestTimeout", "SlowDown", "TooManyRequestsException"}
 NOT_FOUND_CODES = {"NoSuchEntity", "ResourceNotFoundException", "InvalidInstanceID.NotFound",
                    "InvalidInstanceID.Malformed", "InvalidGroup.NotFound"}
 
@@ -33,20 +32,8 @@ class AwsUnavailable(AwsError):
 
 
 def aws_error(exc: Exception, context: str) -> AwsError:
-    """A project error for a botocore error: transient for throttling, 5xx and lost connections."""
-    if isinstance(exc, ClientError):
-        code = exc.response.get("Error", {}).get("Code", "")
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        message = exc.response.get("Error", {}).get("Message", "")
-        cls = AwsUnavailable if code in TRANSIENT_CODES or status >= 500 else AwsError
-        return cls(f"{context}: {code} {message}".strip())
-    if isinstance(exc, (EndpointConnectionError, BotoCoreError)):
-        return AwsUnavailable(f"{context}: {type(exc).__name__}")
-    return AwsError(f"{context}: {type(exc).__name__}")
-
-
-def _code(exc: ClientError) -> str:
-    return exc.response.get("Error", {}).get("Code", "")
+    """The AwsError for a failed AWS call, transient by the one rule of ``blocks._aws``."""
+    return translate(exc, context, error=AwsError, unavailable=AwsUnavailable)
 
 
 @dataclass(frozen=True)
@@ -80,13 +67,13 @@ class IamPrincipals(Block):
     credentials: AwsCredentials = Field(default_factory=AwsCredentials, description="AWS credentials allowed to manage IAM users' keys.")
 
     def _iam(self):
-        return self.credentials.get_client("iam")
+        return client(self.credentials, "iam")
 
     def user_exists(self, user: str) -> bool:
         try:
             self._iam().get_user(UserName=user)
         except ClientError as exc:
-            if _code(exc) in NOT_FOUND_CODES:
+            if error_code(exc) in NOT_FOUND_CODES:
                 return False
             raise aws_error(exc, f"reading IAM user {user!r}") from exc
         except BotoCoreError as exc:
@@ -98,7 +85,7 @@ class IamPrincipals(Block):
         try:
             items = self._iam().list_access_keys(UserName=user)["AccessKeyMetadata"]
         except ClientError as exc:
-            if _code(exc) in NOT_FOUND_CODES:
+            if error_code(exc) in NOT_FOUND_CODES:
                 raise InvalidInput(f"IAM user {user!r} does not exist") from exc
             raise aws_error(exc, f"listing access keys of {user!r}") from exc
         except BotoCoreError as exc:
@@ -139,7 +126,7 @@ class IamPrincipals(Block):
         probe = AwsCredentials(aws_access_key_id=access_key_id, aws_secret_access_key=secret,
                                region_name=self.credentials.region_name, aws_client_parameters=params)
         try:
-            return probe.get_client("sts").get_caller_identity()["Arn"]
+            return client(probe, "sts").get_caller_identity()["Arn"]
         except (ClientError, BotoCoreError) as exc:
             raise aws_error(exc, f"calling STS with access key {access_key_id}") from exc
 
@@ -166,13 +153,13 @@ class SecretsManagerStore(Block):
     kms_key_id: str | None = Field(default=None, description="KMS key for secrets this block creates; the account default when empty.")
 
     def _sm(self):
-        return self.credentials.get_client("secretsmanager")
+        return client(self.credentials, "secretsmanager")
 
     def exists(self, secret_id: str) -> bool:
         try:
             self._sm().describe_secret(SecretId=secret_id)
         except ClientError as exc:
-            if _code(exc) in NOT_FOUND_CODES:
+            if error_code(exc) in NOT_FOUND_CODES:
                 return False
             raise aws_error(exc, f"describing secret {secret_id!r}") from exc
         except BotoCoreError as exc:
@@ -207,7 +194,7 @@ class SecretsManagerStore(Block):
         try:
             got = self._sm().get_secret_value(SecretId=secret_id, VersionStage="AWSCURRENT")
         except ClientError as exc:
-            if _code(exc) in NOT_FOUND_CODES:
+            if error_code(exc) in NOT_FOUND_CODES:
                 raise InvalidInput(f"secret {secret_id!r} does not exist") from exc
             raise aws_error(exc, f"reading secret {secret_id!r}") from exc
         except BotoCoreError as exc:
@@ -259,13 +246,13 @@ class QuarantineSecurityGroup(Block):
                                                  "the groups they had before quarantine.")
 
     def _ec2(self):
-        return self.credentials.get_client("ec2")
+        return client(self.credentials, "ec2")
 
     def describe_instance(self, instance_id: str) -> dict:
         try:
             reservations = self._ec2().describe_instances(InstanceIds=[instance_id])["Reservations"]
         except ClientError as exc:
-            if _code(exc) in NOT_FOUND_CODES:
+            if error_code(exc) in NOT_FOUND_CODES:
                 raise InvalidInput(f"EC2 instance {instance_id!r} does not exist") from exc
             raise aws_error(exc, f"describing instance {instance_id!r}") from exc
         except BotoCoreError as exc:
@@ -370,7 +357,7 @@ class QuarantineSecurityGroup(Block):
                     # instance with several interfaces, which the per-interface calls above already isolated.
                     ec2.modify_instance_attribute(InstanceId=instance_id, Groups=[group_id])
                 except ClientError as exc:
-                    if not (_code(exc) == "InvalidInstanceID" and len(interfaces) > 1):
+                    if not (error_code(exc) == "InvalidInstanceID" and len(interfaces) > 1):
                         raise
                 changed = True
         except (ClientError, BotoCoreError) as exc:

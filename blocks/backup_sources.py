@@ -23,6 +23,7 @@ from prefect.blocks.core import Block
 from prefect_aws import AwsCredentials
 from pydantic import BaseModel, Field, model_validator
 
+from blocks._aws import client, error_code, translate
 from blocks.errors import InvalidInput, RecoveryError
 from blocks.object_store import ObjectStoreError, ObjectStoreUnavailable
 
@@ -43,11 +44,7 @@ ObjectKind = Literal["objects", "qdrant", "models", "kubernetes"]
 
 
 def _s3_error(exc: Exception, what: str) -> ObjectStoreError:
-    if isinstance(exc, ClientError):
-        code = exc.response.get("Error", {}).get("Code", "")
-        cls = ObjectStoreUnavailable if code in ("SlowDown", "ServiceUnavailable", "InternalError") else ObjectStoreError
-        return cls(f"{what} failed: {code or exc}")
-    return ObjectStoreUnavailable(f"{what} failed: {exc}")
+    return translate(exc, what, error=ObjectStoreError, unavailable=ObjectStoreUnavailable)
 
 
 @dataclass(frozen=True)
@@ -226,7 +223,7 @@ class BackupSources(Block):
     def _s3(self):
         if self.aws_credentials is None:
             raise InvalidInput("backup sources have no aws_credentials; object prefixes cannot be read")
-        return self.aws_credentials.get_client("s3")
+        return client(self.aws_credentials, "s3")
 
     def _list(self, s3, source: ObjectPrefixSource) -> list[dict]:
         objects: list[dict] = []
@@ -341,7 +338,7 @@ class BackupSources(Block):
         try:
             rules = s3.get_bucket_lifecycle_configuration(Bucket=source.bucket).get("Rules", [])
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "NoSuchLifecycleConfiguration":
+            if error_code(exc) == "NoSuchLifecycleConfiguration":
                 return None
             raise _s3_error(exc, f"reading the lifecycle of bucket {source.bucket!r}") from exc
         except BotoCoreError as exc:

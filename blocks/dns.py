@@ -6,15 +6,13 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+from botocore.exceptions import BotoCoreError, ClientError
 from prefect.blocks.core import Block
 from prefect_aws import AwsCredentials
 from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
 
+from blocks._aws import client, error_code, translate
 from blocks.errors import InvalidInput, RecoveryError
-
-TRANSIENT_CODES = {"Throttling", "ThrottlingException", "PriorRequestNotComplete", "ServiceUnavailable",
-                   "InternalFailure", "RequestTimeout"}
 
 
 class DnsError(RecoveryError):
@@ -28,14 +26,7 @@ class DnsUnavailable(DnsError):
 
 
 def _wrap(exc: Exception, context: str) -> DnsError:
-    if isinstance(exc, ClientError):
-        code = exc.response.get("Error", {}).get("Code", "")
-        message = exc.response.get("Error", {}).get("Message", "")
-        cls = DnsUnavailable if code in TRANSIENT_CODES else DnsError
-        return cls(f"{context}: {code} {message}".strip())
-    if isinstance(exc, EndpointConnectionError):
-        return DnsUnavailable(f"{context}: {exc}")
-    return DnsError(f"{context}: {exc}")
+    return translate(exc, context, error=DnsError, unavailable=DnsUnavailable)
 
 
 def fqdn(name: str) -> str:
@@ -104,7 +95,7 @@ class DnsZone(Block):
     _submitted: dict[str, str] = PrivateAttr(default_factory=dict)
 
     def _client(self):
-        return self.credentials.get_client("route53")
+        return client(self.credentials, "route53")
 
     def _check_target(self, target: str) -> None:
         if target not in (self.primary_target, self.secondary_target):
@@ -116,7 +107,7 @@ class DnsZone(Block):
         try:
             return self._client().get_hosted_zone(Id=self.hosted_zone_id)["HostedZone"]["Name"]
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "NoSuchHostedZone":
+            if error_code(exc) == "NoSuchHostedZone":
                 raise InvalidInput(f"Route53 has no hosted zone {self.hosted_zone_id!r}") from exc
             raise _wrap(exc, f"reading hosted zone {self.hosted_zone_id}") from exc
         except BotoCoreError as exc:

@@ -14,6 +14,7 @@ from prefect.blocks.core import Block
 from prefect_aws import AwsCredentials
 from pydantic import Field
 
+from blocks._aws import client, error_code, http_status
 from blocks.aws_security import AwsError, aws_error
 from blocks.errors import InvalidInput
 from blocks.results import CheckResult
@@ -93,7 +94,7 @@ class EvidenceVault(Block):
         description="Files at least this large are uploaded in parts of this size (S3 takes at most 5 GB in one request).")
 
     def _s3(self):
-        return self.credentials.get_client("s3")
+        return client(self.credentials, "s3")
 
     def validate_settings(self, retention_days: int | None = None) -> int:
         """Refuse a bucket name or retention that cannot work; returns the retention to use."""
@@ -111,7 +112,7 @@ class EvidenceVault(Block):
             s3.head_bucket(Bucket=self.bucket)
             exists = True
         except ClientError as exc:
-            if _status(exc) not in (404,) and exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
+            if http_status(exc) != 404 and error_code(exc) not in ("404", "NoSuchBucket"):
                 raise aws_error(exc, f"reading bucket {self.bucket}") from exc
             exists = False
         except BotoCoreError as exc:
@@ -124,7 +125,7 @@ class EvidenceVault(Block):
                 s3.create_bucket(Bucket=self.bucket, ObjectLockEnabledForBucket=True, **extra)
             config = s3.get_object_lock_configuration(Bucket=self.bucket).get("ObjectLockConfiguration", {})
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "ObjectLockConfigurationNotFoundError":
+            if error_code(exc) == "ObjectLockConfigurationNotFoundError":
                 raise AwsError(f"bucket {self.bucket} exists without object lock; evidence needs a write-once bucket") from exc
             raise aws_error(exc, f"preparing evidence bucket {self.bucket}") from exc
         except BotoCoreError as exc:
@@ -137,7 +138,7 @@ class EvidenceVault(Block):
         try:
             return self._s3().head_object(Bucket=self.bucket, Key=key, **extra)
         except ClientError as exc:
-            if _status(exc) == 404 and not version_id:
+            if http_status(exc) == 404 and not version_id:
                 return None
             raise aws_error(exc, f"reading s3://{self.bucket}/{key}") from exc
         except BotoCoreError as exc:
@@ -306,7 +307,3 @@ class EvidenceVault(Block):
                 f"lock {mode or 'none'} until {until.isoformat() if until else '-'} (recorded {recorded})",
             ))
         return results
-
-
-def _status(exc: ClientError) -> int:
-    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))

@@ -28,6 +28,7 @@ from prefect.blocks.core import Block
 from prefect_aws.s3 import S3Bucket
 from pydantic import BaseModel, Field, ValidationError
 
+from blocks._aws import client, error_code, translate
 from blocks.errors import InvalidInput, RecoveryError
 from blocks.results import CheckResult
 
@@ -102,12 +103,6 @@ class RestoredModel:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _error_code(exc: BaseException | None) -> str | None:
-    """The S3 error code of a botocore ClientError (None for anything else)."""
-    response = getattr(exc, "response", None)
-    return (response or {}).get("Error", {}).get("Code") if isinstance(response, dict) else None
 
 
 @dataclass(frozen=True)
@@ -195,7 +190,7 @@ class ModelRegistry(Block):
     # ------------------------------------------------------------------ plumbing
 
     def _s3(self):
-        return self.bucket.credentials.get_s3_client()
+        return client(self.bucket.credentials, "s3")
 
     @property
     def bucket_name(self) -> str:
@@ -209,19 +204,17 @@ class ModelRegistry(Block):
         return self._key(check_name("model", model), POINTER)
 
     def _aws(self, what: str, fn, **kwargs):
-        from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return fn(Bucket=self.bucket_name, **kwargs)
-        except EndpointConnectionError as exc:
-            raise ModelRegistryUnavailable(f"{what}: bucket {self.bucket_name} unreachable ({exc})") from exc
-        except ClientError as exc:
-            error = exc.response.get("Error", {})
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            kind = ModelRegistryUnavailable if status in (500, 502, 503, 504) else ModelRegistryError
-            raise kind(f"{what} in bucket {self.bucket_name}: {error.get('Code')} {error.get('Message', '')}") from exc
-        except BotoCoreError as exc:
-            raise ModelRegistryUnavailable(f"{what} in bucket {self.bucket_name}: {exc}") from exc
+        except (ClientError, BotoCoreError, Boto3Error) as exc:
+            raise self._error(exc, what) from exc
+
+    def _error(self, exc: Exception, what: str) -> ModelRegistryError:
+        return translate(exc, f"{what} in bucket {self.bucket_name}", error=ModelRegistryError,
+                         unavailable=ModelRegistryUnavailable)
 
     def _read_object(self, key: str) -> tuple[bytes, str] | None:
         """The bytes and ETag of ``key``; None when the key does not exist. Other failures raise."""
@@ -230,13 +223,13 @@ class ModelRegistry(Block):
         try:
             obj = self._aws(f"read {key}", self._s3().get_object, Key=key)
         except ModelRegistryError as exc:
-            if _error_code(exc.__cause__) in ("NoSuchKey", "404"):
+            if error_code(exc) in ("NoSuchKey", "404"):
                 return None
             raise
         try:
             return obj["Body"].read(), obj["ETag"]
         except BotoCoreError as exc:
-            raise ModelRegistryUnavailable(f"read {key} in bucket {self.bucket_name}: {exc}") from exc
+            raise self._error(exc, f"read {key}") from exc
 
     # ------------------------------------------------------------------ reading
 
@@ -306,14 +299,19 @@ class ModelRegistry(Block):
         return sorted(found, key=lambda v: (not v.get("IsLatest"), -v["LastModified"].timestamp()))
 
     def _download(self, key: str, version_id: str | None, path: Path) -> str:
+        from botocore.exceptions import BotoCoreError
+
         s3 = self._s3()
         extra = {"VersionId": version_id} if version_id and version_id != "null" else {}
         obj = self._aws(f"download {key}", s3.get_object, Key=key, **extra)
         digest = hashlib.sha256()
-        with open(path, "wb") as fh:
-            for chunk in obj["Body"].iter_chunks(CHUNK):
-                digest.update(chunk)
-                fh.write(chunk)
+        try:
+            with open(path, "wb") as fh:
+                for chunk in obj["Body"].iter_chunks(CHUNK):
+                    digest.update(chunk)
+                    fh.write(chunk)
+        except BotoCoreError as exc:
+            raise self._error(exc, f"download {key}") from exc
         return digest.hexdigest()
 
     def restore_version(self, model: str, version: str, directory: str | None = None) -> RestoredModel:
@@ -417,7 +415,6 @@ class ModelRegistry(Block):
 
         Idempotent and reversible: the bucket is versioned, the damaged bytes stay as an older version.
         """
-        from boto3.exceptions import Boto3Error
         from boto3.s3.transfer import TransferConfig
 
         s3 = self._s3()
@@ -429,15 +426,14 @@ class ModelRegistry(Block):
             source = {"Bucket": self.bucket_name, "Key": artifact.key, "VersionId": artifact.version_id}
             # A managed copy: one CopyObject up to the threshold, UploadPartCopy parts above it (CopyObject stops at 5 GiB).
             config = TransferConfig(multipart_threshold=COPY_PART_BYTES, multipart_chunksize=COPY_PART_BYTES)
-            try:
-                self._aws(f"restore {artifact.key}", s3.copy, Key=artifact.key, CopySource=source, Config=config)
-            except Boto3Error as exc:
-                raise ModelRegistryError(f"restore {artifact.key} in bucket {self.bucket_name}: {exc}") from exc
+            self._aws(f"restore {artifact.key}", s3.copy, Key=artifact.key, CopySource=source, Config=config)
             repaired.append(artifact.key)
         return repaired
 
     def verify_current(self, model: str, version: str) -> list[CheckResult]:
         """Check the current objects of a version against its manifest, without keeping the bytes."""
+        from botocore.exceptions import BotoCoreError
+
         manifest = self.read_manifest(model, version)
         s3 = self._s3()
         checks = []
@@ -445,8 +441,11 @@ class ModelRegistry(Block):
             key = self._key(model, version, name)
             obj = self._aws(f"read {key}", s3.get_object, Key=key)
             digest = hashlib.sha256()
-            for chunk in obj["Body"].iter_chunks(CHUNK):
-                digest.update(chunk)
+            try:
+                for chunk in obj["Body"].iter_chunks(CHUNK):
+                    digest.update(chunk)
+            except BotoCoreError as exc:
+                raise self._error(exc, f"read {key}") from exc
             checks.append(CheckResult(f"{name} current object", digest.hexdigest() == want.sha256,
                                       f"sha256 {digest.hexdigest()[:12]}..., manifest {want.sha256[:12]}..."))
         return checks
@@ -476,7 +475,7 @@ class ModelRegistry(Block):
             put = self._aws(f"write {key}", self._s3().put_object, Key=key, Body=version.encode(),
                             ContentType="text/plain", **condition)
         except ModelRegistryError as exc:
-            if _error_code(exc.__cause__) in ("PreconditionFailed", "412"):
+            if error_code(exc) in ("PreconditionFailed", "412"):
                 raise ModelRegistryError(f"production pointer {key} changed during the flip; nothing was written") from exc
             raise
         return PointerFlip(model, key, current, version, False, put.get("VersionId"))

@@ -36,6 +36,7 @@ from prefect_aws import AwsCredentials, MinIOCredentials
 from prefect_aws.s3 import S3Bucket
 from pydantic import Field, PrivateAttr, field_validator
 
+from blocks._aws import answer_is_transient, client, error_code, translate
 from blocks.errors import InvalidInput, RecoveryError
 
 ClientKind = Literal["boto3", "minio"]
@@ -212,15 +213,8 @@ class _Boto3Backend:
 
         try:
             return fn(**kwargs)
-        except ClientError as exc:
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            code = exc.response.get("Error", {}).get("Code", "")
-            error = ObjectStoreUnavailable if status >= 500 or code in ("SlowDown", "RequestTimeout") else ObjectStoreError
-            raise error(f"{what}: {code or status} {exc.response.get('Error', {}).get('Message', '')}".strip()) from exc
-        except BotoCoreError as exc:
-            raise ObjectStoreUnavailable(f"{what}: {exc}") from exc
-        except Boto3Error as exc:  # a managed transfer that failed part-way
-            raise ObjectStoreError(f"{what}: {exc}") from exc
+        except (ClientError, BotoCoreError, Boto3Error) as exc:  # Boto3Error: a managed transfer that failed part-way
+            raise translate(exc, what, error=ObjectStoreError, unavailable=ObjectStoreUnavailable) from exc
 
     def bucket_exists(self, bucket: str) -> bool:
         from botocore.exceptions import ClientError
@@ -229,7 +223,7 @@ class _Boto3Backend:
             self.s3.head_bucket(Bucket=bucket)
             return True
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
+            if error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
                 return False
             return self._call(f"head bucket {bucket}", self.s3.head_bucket, Bucket=bucket) is not None
 
@@ -291,7 +285,7 @@ class _Boto3Backend:
             for chunk in body.iter_chunks(8 * MIB):
                 size += len(chunk)
         except BotoCoreError as exc:
-            raise ObjectStoreUnavailable(f"read {bucket}/{key}: {exc}") from exc
+            raise translate(exc, f"read {bucket}/{key}", error=ObjectStoreError, unavailable=ObjectStoreUnavailable) from exc
         finally:
             body.close()
         etag = _etag(answer.get("ETag"))
@@ -308,8 +302,10 @@ class _MinioBackend:
 
         try:
             return fn(*args, **kwargs)
-        except S3Error as exc:
-            raise ObjectStoreError(f"{what}: {exc.code} {exc.message}") from exc
+        except S3Error as exc:  # the same rule as every AWS call: throttling and server errors are transient
+            status = getattr(exc.response, "status", 0)
+            error = ObjectStoreUnavailable if answer_is_transient(exc.code, status) else ObjectStoreError
+            raise error(f"{what}: {exc.code} (HTTP {status}) {exc.message}") from exc
         except (ServerError, HTTPError) as exc:
             raise ObjectStoreUnavailable(f"{what}: {exc}") from exc
         except MinioException as exc:
@@ -498,16 +494,8 @@ class ObjectStore(Block):
         return self._clients[key]
 
     def _build_boto3(self, bucket: S3Bucket) -> _Boto3Backend:
-        from botocore.config import Config
-
-        credentials = bucket.credentials
-        params = credentials.aws_client_parameters.get_params_override()
-        tuned = Config(max_pool_connections=self.max_workers + 2, connect_timeout=self.timeout_seconds,
-                       read_timeout=self.timeout_seconds, retries={"max_attempts": 3, "mode": "standard"})
-        params["config"] = tuned.merge(params["config"]) if "config" in params else tuned  # settings in the credentials win
-        if credentials.region_name:
-            params["region_name"] = credentials.region_name
-        return _Boto3Backend(credentials.get_boto3_session().client("s3", **params))
+        return _Boto3Backend(client(bucket.credentials, "s3", max_pool_connections=self.max_workers + 2,
+                                    connect_timeout=self.timeout_seconds, read_timeout=self.timeout_seconds))
 
     def _build_minio(self, bucket: S3Bucket) -> _MinioBackend:
         import urllib3

@@ -25,6 +25,7 @@ from prefect.blocks.core import Block
 from prefect_aws.s3 import S3Bucket
 from pydantic import BaseModel, Field, SecretStr, model_validator
 
+from blocks._aws import client, error_code, translate
 from blocks.errors import InvalidInput, RecoveryError
 
 EXPORT_FORMAT = "dr-qdrant-export/1"
@@ -41,12 +42,6 @@ class QdrantUnavailable(QdrantError):
     """Qdrant could not be reached (server down, embedded storage held by another process)."""
 
     transient = True
-
-
-def _s3_code(exc: BaseException | None) -> str | None:
-    """The S3 error code of a botocore ClientError (None for anything else)."""
-    response = getattr(exc, "response", None)
-    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
 
 
 def _without_query(text: str) -> str:
@@ -540,13 +535,8 @@ class QdrantCluster(Block):
 
         try:
             return fn(Bucket=self._bucket().bucket_name, **kwargs)
-        except ClientError as exc:
-            error = exc.response.get("Error", {})
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            kind = QdrantUnavailable if status in (500, 502, 503, 504) else QdrantError
-            raise kind(f"{what}: {error.get('Code')} {error.get('Message', '')}") from exc
-        except BotoCoreError as exc:
-            raise QdrantUnavailable(f"{what}: {exc}") from exc
+        except (ClientError, BotoCoreError) as exc:
+            raise translate(exc, what, error=QdrantError, unavailable=QdrantUnavailable) from exc
 
     def backup_location(self, collection: str) -> str:
         """The s3:// prefix under which backups of ``collection`` are kept."""
@@ -554,7 +544,7 @@ class QdrantCluster(Block):
 
     def stored_backups(self, collection: str, kind: Literal["export", "snapshot"]) -> list[StoredBackup]:
         """Exports or snapshots of ``collection`` in the backup bucket, oldest first."""
-        s3 = self._bucket().credentials.get_s3_client()
+        s3 = client(self._bucket().credentials, "s3")
         suffix = ".jsonl" if kind == "export" else ".snapshot"
         prefix = self._backup_base(collection) + "/"
         found, token = [], None
@@ -576,23 +566,23 @@ class QdrantCluster(Block):
         """
         from botocore.exceptions import BotoCoreError
 
-        s3 = self._bucket().credentials.get_s3_client()
+        s3 = client(self._bucket().credentials, "s3")
         bucket = self._bucket().bucket_name
         try:
             head = self._s3(f"read s3://{bucket}/{key}", s3.head_object, Key=key)
         except QdrantError as exc:
-            if _s3_code(exc.__cause__) in ("404", "NoSuchKey", "NotFound"):
+            if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
                 raise InvalidInput(f"no backup at s3://{bucket}/{key}") from exc
             raise
         try:
             obj = self._s3(f"read s3://{bucket}/{key}.json", s3.get_object, Key=key + ".json")
             facts = json.loads(obj["Body"].read())
         except QdrantError as exc:
-            if _s3_code(exc.__cause__) not in ("404", "NoSuchKey", "NotFound"):
+            if error_code(exc) not in ("404", "NoSuchKey", "NotFound"):
                 raise
             facts = {}
         except BotoCoreError as exc:
-            raise QdrantUnavailable(f"read s3://{bucket}/{key}.json: {exc}") from exc
+            raise translate(exc, f"read s3://{bucket}/{key}.json", error=QdrantError, unavailable=QdrantUnavailable) from exc
         except ValueError as exc:
             raise QdrantError(f"s3://{bucket}/{key}.json is not JSON: {exc}") from exc
         kind = "export" if key.endswith(".jsonl") else "snapshot"
@@ -601,7 +591,7 @@ class QdrantCluster(Block):
                             sha256=facts.get("sha256"), points=facts.get("points"))
 
     def _store(self, path: str, key: str, facts: dict) -> StoredBackup:
-        s3 = self._bucket().credentials.get_s3_client()
+        s3 = client(self._bucket().credentials, "s3")
         with open(path, "rb") as fh:
             self._s3(f"upload {key}", s3.put_object, Key=key, Body=fh)
         self._s3(f"upload {key}.json", s3.put_object, Key=key + ".json",
@@ -625,16 +615,21 @@ class QdrantCluster(Block):
         Raises:
             InvalidInput: missing backup, no recorded checksum, or a checksum mismatch.
         """
+        from botocore.exceptions import BotoCoreError
+
         backup = self.describe_backup(key)
         if not backup.sha256:
             raise InvalidInput(f"backup {key} has no recorded sha256 ({key}.json); it cannot be verified")
-        s3 = self._bucket().credentials.get_s3_client()
+        s3 = client(self._bucket().credentials, "s3")
         obj = self._s3(f"download {key}", s3.get_object, Key=key)
         digest = hashlib.sha256()
-        with open(path, "wb") as fh:
-            for chunk in obj["Body"].iter_chunks(1024 * 1024):
-                digest.update(chunk)
-                fh.write(chunk)
+        try:
+            with open(path, "wb") as fh:
+                for chunk in obj["Body"].iter_chunks(1024 * 1024):
+                    digest.update(chunk)
+                    fh.write(chunk)
+        except BotoCoreError as exc:
+            raise translate(exc, f"download {key}", error=QdrantError, unavailable=QdrantUnavailable) from exc
         if digest.hexdigest() != backup.sha256:
             raise InvalidInput(f"backup {key}: sha256 {digest.hexdigest()} does not match the recorded {backup.sha256}")
         return backup
@@ -649,11 +644,12 @@ class QdrantCluster(Block):
         if not 1 <= expires_seconds <= 3600:
             raise InvalidInput(f"expires_seconds {expires_seconds} must be between 1 and 3600")
         try:
-            s3 = self._bucket().credentials.get_s3_client()
+            s3 = client(self._bucket().credentials, "s3")
             return s3.generate_presigned_url("get_object", Params={"Bucket": self._bucket().bucket_name, "Key": key},
                                              ExpiresIn=expires_seconds)
         except (BotoCoreError, ClientError) as exc:
-            raise QdrantError(f"presign s3://{self._bucket().bucket_name}/{key}: {exc}") from exc
+            raise translate(exc, f"presign s3://{self._bucket().bucket_name}/{key}", error=QdrantError,
+                            unavailable=QdrantUnavailable) from exc
 
     def snapshot_to_bucket(self, collection: str) -> StoredBackup:
         """Take a server snapshot of ``collection`` and copy it, with its checksum, to the backup bucket."""

@@ -6,15 +6,14 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+from botocore.exceptions import BotoCoreError, ClientError
 from prefect.blocks.core import Block
 from prefect_aws import AwsCredentials
 from pydantic import Field, model_validator
 
+from blocks._aws import client, error_code, translate
 from blocks.errors import InvalidInput, RecoveryError
 
-TRANSIENT_CODES = {"Throttling", "ThrottlingException", "RequestLimitExceeded", "ServiceUnavailable",
-                   "InternalFailure", "RequestTimeout"}
 # Set on the replica once its promotion was requested: read replicas may keep their source link
 # in the API for a while after promotion, so the tag is the journal a re-run trusts.
 PROMOTED_TAG = "dr-promoted-at"
@@ -43,14 +42,7 @@ class RdsUnavailable(RdsError):
 
 
 def _wrap(exc: Exception, context: str) -> RdsError:
-    if isinstance(exc, ClientError):
-        code = exc.response.get("Error", {}).get("Code", "")
-        message = exc.response.get("Error", {}).get("Message", "")
-        cls = RdsUnavailable if code in TRANSIENT_CODES else RdsError
-        return cls(f"{context}: {code} {message}".strip())
-    if isinstance(exc, EndpointConnectionError):
-        return RdsUnavailable(f"{context}: {exc}")
-    return RdsError(f"{context}: {exc}")
+    return translate(exc, context, error=RdsError, unavailable=RdsUnavailable)
 
 
 @dataclass(frozen=True)
@@ -97,11 +89,8 @@ class RdsDatabase(Block):
         return self
 
     def _client(self, identifier: str | None = None, service: str = "rds"):
-        if identifier == self.replica_identifier and self.replica_region:
-            return self.credentials.get_boto3_session().client(
-                service, region_name=self.replica_region,
-                **self.credentials.aws_client_parameters.get_params_override())
-        return self.credentials.get_client(service)
+        region = self.replica_region if identifier == self.replica_identifier else None
+        return client(self.credentials, service, region_name=region)
 
     def describe(self, identifier: str | None = None) -> dict:
         """Status, endpoint and replication links of one instance (default: the primary)."""
@@ -109,7 +98,7 @@ class RdsDatabase(Block):
         try:
             found = self._client(identifier).describe_db_instances(DBInstanceIdentifier=identifier)["DBInstances"]
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "DBInstanceNotFound":
+            if error_code(exc) == "DBInstanceNotFound":
                 raise InvalidInput(f"RDS has no DB instance {identifier!r}") from exc
             raise _wrap(exc, f"describing {identifier}") from exc
         except BotoCoreError as exc:
@@ -183,7 +172,7 @@ class RdsDatabase(Block):
         try:
             client.promote_read_replica(DBInstanceIdentifier=self.replica_identifier)
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "InvalidDBInstanceState":
+            if error_code(exc) != "InvalidDBInstanceState":
                 raise _wrap(exc, f"promoting {self.replica_identifier}") from exc
             # Refused: go on only when a promotion (of an earlier attempt) is really under way.
             again = self.describe(self.replica_identifier)
