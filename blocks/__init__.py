@@ -26,10 +26,14 @@ from blocks.qdrant import EmbeddingTable, QdrantCluster, QdrantError
 from blocks.rds import RdsDatabase, RdsError
 from blocks.redis_cache import RedisCache, RedisError, RedisUnavailable
 from blocks.region import Region
+from blocks.routing import IncidentRouting, SeverityRoute, Tier
 from blocks.postgres import PostgresCluster, PostgresInstance, VerificationQuery
 from blocks.results import CheckResult
 
 __all__ = [
+    "IncidentRouting",
+    "SeverityRoute",
+    "Tier",
     "BackupCheck",
     "BackupSources",
     "ModelRegistry",

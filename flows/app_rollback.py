@@ -144,6 +144,7 @@ def app_rollback(
     allowed_approvers: list[str] | None = None,
     approval_timeout_seconds: int = 1800,
     approval_poll_seconds: float = 5,
+    severity: str | None = None,
     dry_run: bool = False,
     drill: bool = False,
     objectives_block: str = "default",
@@ -170,6 +171,8 @@ def app_rollback(
         allowed_approvers: who may approve, with policy 'required'.
         approval_timeout_seconds: how long to wait for approval before giving up without rolling back.
         approval_poll_seconds: how often a paused run checks for an answer.
+        severity: P0 (outage or data loss) to P3, or Sev1-Sev4; empty takes the scenario's default. Decides
+            who is told, how often updates go out, and who is paged when an approval waits.
         dry_run: record the plan (image and revision, from -> to) and change nothing.
         drill: this run is a drill (the only case where 'auto' approval is allowed).
         objectives_block: name of the RecoveryObjectives block (built-in defaults when 'default' is absent).
@@ -180,7 +183,7 @@ def app_rollback(
         lock_wait_seconds: how long to wait for another recovery of the same deployment to finish.
     """
     run = Recovery(
-        SCENARIO, target=f"{kubernetes_block}/{deployment}", detected_at=incident_detected_at or utcnow(),
+        SCENARIO, target=f"{kubernetes_block}/{deployment}", severity=severity, detected_at=incident_detected_at or utcnow(),
         approval=Approval.of(approval_policy, allowed_approvers, approval_timeout_seconds, approval_poll_seconds,
                              allowed_policies=("none", "required", "auto")),
         drill=drill, dry_run=dry_run, objectives_block=objectives_block, business_function=business_function,
@@ -195,7 +198,6 @@ def app_rollback(
         with run.preflight() as step:
             verification = Verification.of(rollout_timeout_seconds, health_consecutive_required, health_window_seconds,
                                            health_interval_seconds, health_block, health_urls)
-            report.severity = run.objective.priority
             target = load_block(KubernetesTarget, kubernetes_block)
             run.refuse_unsafe_policy(kubernetes_block, target.environment, reversible=True)
             current = Marker.on(read_deployment(target, deployment))

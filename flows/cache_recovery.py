@@ -94,6 +94,7 @@ def cache_recovery(
     allowed_approvers: list[str] | None = None,
     approval_timeout_seconds: int = 1800,
     approval_poll_seconds: float = 5,
+    severity: str | None = None,
     dry_run: bool = False,
     drill: bool = False,
     objectives_block: str = "default",
@@ -115,6 +116,8 @@ def cache_recovery(
         allowed_approvers: who may approve the flush.
         approval_timeout_seconds: how long to wait for approval before giving up without flushing.
         approval_poll_seconds: how often a paused run checks for an answer.
+        severity: P0 (outage or data loss) to P3, or Sev1-Sev4; empty takes the scenario's default. Decides
+            who is told, how often updates go out, and who is paged when an approval waits.
         dry_run: record the plan and change nothing.
         drill: this run is a drill (the only case where 'auto' approval is allowed).
         objectives_block: name of the RecoveryObjectives block (built-in defaults when 'default' is absent).
@@ -123,7 +126,7 @@ def cache_recovery(
     """
     warmup = WarmUp(warmup_window_seconds, sample_interval_seconds, target_hit_rate, min_keys, stop_when_warm)
     run = Recovery(
-        SCENARIO, target=cache_block, detected_at=incident_detected_at, severity="P3",
+        SCENARIO, target=cache_block, severity=severity, detected_at=incident_detected_at,
         recovery_target="empty cache, repopulated",
         approval=Approval.of(approval_policy, allowed_approvers, approval_timeout_seconds, approval_poll_seconds,
                              allowed_policies=CACHE_POLICIES),

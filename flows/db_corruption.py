@@ -55,6 +55,7 @@ def db_corruption(
     approval_policy: ApprovalPolicy = "required",
     allowed_approvers: list[str] | None = None,
     approval_timeout_seconds: int = 3600,
+    severity: str | None = None,
     dry_run: bool = False,
     drill: bool = False,
     objectives_block: str = "default",
@@ -75,6 +76,8 @@ def db_corruption(
         approval_policy: 'required' (a named approver) or 'auto' (drills only, recorded as such).
         allowed_approvers: who may approve the promotion.
         approval_timeout_seconds: how long to wait for approval before giving up without promoting.
+        severity: P0 (outage or data loss) to P3, or Sev1-Sev4; empty takes the scenario's default. Decides
+            who is told, how often updates go out, and who is paged when an approval waits.
         dry_run: record the plan and change nothing.
         drill: this run is a drill (the only case where 'auto' approval is allowed).
         objectives_block: name of the RecoveryObjectives block (built-in defaults when 'default' is absent).
@@ -86,7 +89,7 @@ def db_corruption(
     """
     queries, tables = list(verification_queries or []), list(row_count_tables or [])
     run = Recovery(
-        SCENARIO, target=cluster_block, detected_at=incident_detected_at, recovery_target=recovery_target,
+        SCENARIO, target=cluster_block, severity=severity, detected_at=incident_detected_at, recovery_target=recovery_target,
         approval=Approval.of(approval_policy, allowed_approvers, approval_timeout_seconds, approval_poll_seconds),
         drill=drill, dry_run=dry_run, objectives_block=objectives_block, business_function=business_function,
         incident_id=incident_id,

@@ -57,6 +57,7 @@ def db_failover(
     allowed_approvers: list[str] | None = None,
     approval_timeout_seconds: int = 3600,
     approval_poll_seconds: float = 5,
+    severity: str | None = None,
     dry_run: bool = False,
     drill: bool = False,
     objectives_block: str = "default",
@@ -79,6 +80,8 @@ def db_failover(
         allowed_approvers: who may approve the promotion.
         approval_timeout_seconds: how long to wait for approval before giving up without promoting.
         approval_poll_seconds: how often a paused run checks for an answer.
+        severity: P0 (outage or data loss) to P3, or Sev1-Sev4; empty takes the scenario's default. Decides
+            who is told, how often updates go out, and who is paged when an approval waits.
         dry_run: record every change it would make and change nothing.
         drill: this run is a drill (the only case where 'auto' approval is allowed).
         objectives_block: name of the RecoveryObjectives block (built-in defaults when 'default' is absent).
@@ -88,7 +91,7 @@ def db_failover(
     """
     restarts, queries = list(restart_deployments or []), list(smoke_queries or [])
     run = Recovery(
-        SCENARIO, target=cluster_block, detected_at=incident_detected_at or utcnow(),
+        SCENARIO, target=cluster_block, severity=severity, detected_at=incident_detected_at or utcnow(),
         approval=Approval.of(approval_policy, allowed_approvers, approval_timeout_seconds, approval_poll_seconds),
         drill=drill, dry_run=dry_run, objectives_block=objectives_block, business_function=business_function,
         recovery_target="the healthiest replica within the RPO", incident_id=incident_id,

@@ -79,6 +79,7 @@ def object_storage_recovery(
     allowed_approvers: list[str] | None = None,
     approval_timeout_seconds: int = 3600,
     approval_poll_seconds: float = 5,
+    severity: str | None = None,
     dry_run: bool = False,
     drill: bool = False,
     objectives_block: str = "default",
@@ -105,6 +106,8 @@ def object_storage_recovery(
         allowed_approvers: who may approve the failover or the restore.
         approval_timeout_seconds: how long to wait for approval before giving up without changing anything.
         approval_poll_seconds: how often a paused run checks for an answer.
+        severity: P0 (outage or data loss) to P3, or Sev1-Sev4; empty takes the scenario's default. Decides
+            who is told, how often updates go out, and who is paged when an approval waits.
         dry_run: record every change the run would make and change nothing.
         drill: this run is a drill (the only case where 'auto' approval is allowed).
         objectives_block: name of the RecoveryObjectives block (built-in defaults when 'default' is absent).
@@ -112,7 +115,7 @@ def object_storage_recovery(
         lock_wait_seconds: how long to wait for another recovery of the same store to finish.
     """
     run = Recovery(
-        SCENARIO, target=store_block, detected_at=incident_detected_at, severity="P2",
+        SCENARIO, target=store_block, severity=severity, detected_at=incident_detected_at,
         recovery_target=(f"{prefix} as of {restore_as_of.isoformat()}" if mode == "restore-prefix" and restore_as_of
                          else f"{mode} {prefix}".strip()),
         # verify-replica only reads: it asks nobody, and its approval settings are not checked

@@ -68,6 +68,7 @@ def vector_db_recovery(
     allowed_approvers: list[str] | None = None,
     approval_timeout_seconds: int = 3600,
     approval_poll_seconds: float = 5,
+    severity: str | None = None,
     dry_run: bool = False,
     drill: bool = False,
     objectives_block: str = "default",
@@ -94,6 +95,8 @@ def vector_db_recovery(
         allowed_approvers: who may approve the alias switch.
         approval_timeout_seconds: how long to wait for approval before giving up without switching.
         approval_poll_seconds: how often a paused run checks for an answer.
+        severity: P0 (outage or data loss) to P3, or Sev1-Sev4; empty takes the scenario's default. Decides
+            who is told, how often updates go out, and who is paged when an approval waits.
         dry_run: record the plan and change nothing.
         drill: this run is a drill (the only case where 'auto' approval is allowed).
         objectives_block: name of the RecoveryObjectives block (built-in defaults when 'default' is absent).
@@ -101,7 +104,7 @@ def vector_db_recovery(
         lock_wait_seconds: how long to wait for another recovery of the same alias to finish.
     """
     run = Recovery(
-        SCENARIO, target=f"{qdrant_block}/{alias}", detected_at=incident_detected_at or utcnow(),
+        SCENARIO, target=f"{qdrant_block}/{alias}", severity=severity, detected_at=incident_detected_at or utcnow(),
         recovery_target=strategy,
         approval=Approval.of(approval_policy, allowed_approvers, approval_timeout_seconds, approval_poll_seconds),
         drill=drill, dry_run=dry_run, objectives_block=objectives_block, business_function=business_function,

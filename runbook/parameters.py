@@ -224,6 +224,7 @@ BOUNDS: dict[str, Bound] = {
     )},
     "notifier": Text(r"[a-z0-9][a-z0-9-]{0,99}/[a-z0-9][a-z0-9-]{0,99}",
                      "a notification block as '<block-type-slug>/<block-name>'", 201),
+    "severity": Text(r"(?i)(P[0-3]|sev-? ?[1-4])", "P0, P1, P2 or P3 (or Sev1-Sev4, Sev1 = P0)", 6),
     "business_function": Text(r"[a-z0-9][a-z0-9-]{0,62}", "a business function of the objectives (lowercase, digits, dashes)", 63),
     # When.
     "incident_detected_at": Moment(),

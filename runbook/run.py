@@ -26,12 +26,14 @@ from datetime import datetime, timezone
 from typing import Iterator
 
 from prefect import get_run_logger, runtime
+from prefect.client.orchestration import get_client
 from prefect.states import Cancelled, Completed, Failed, State
 
 from blocks import RecoveryObjectives
 from blocks.errors import InvalidInput
 from blocks.inputs import refuse_future, require_aware
 from blocks.loading import load_block
+from blocks.routing import normalize_severity
 from runbook.approval import ApprovalDecision, ApprovalPolicy, approval_step, check_approval_settings
 from runbook.evidence import ApprovalRecord, RecoveryReport, StepRecord, publish_evidence, utcnow
 from runbook.locks import recovery_lock
@@ -47,6 +49,13 @@ FAILED_OUTCOMES = frozenset({
     "DrDatabaseDown", "DrDatabaseOffTimeline", "SplitBrainRisk", "SplitBrain", "NotFailedOver", "PrimaryRegionUnhealthy",
 })
 CANCELLED_OUTCOMES = frozenset({"Rejected"})
+
+# The severity of a scenario's incident when the trigger does not say (P0 outage or data loss .. P3 minor).
+DEFAULT_SEVERITY = {
+    "db-corruption": "P1", "db-failover": "P1", "regional-failover": "P0", "regional-failback": "P2",
+    "security-breach": "P0", "model-corruption": "P2", "vector-db": "P2", "object-storage": "P2", "cache": "P3",
+    "app-rollback": "P1", "restore-test": "P2",
+}
 
 
 def state_for(outcome: str, message: str) -> State:
@@ -130,7 +139,7 @@ class Recovery:
         objectives_block: str = "default",
         business_function: str | None = None,
         recovery_target: str = "",
-        severity: str = "P1",
+        severity: str | None = None,
         incident_id: str | None = None,
     ) -> None:
         self.scenario = scenario
@@ -140,11 +149,13 @@ class Recovery:
         self.started_at = utcnow()
         self.report = RecoveryReport(
             scenario=scenario, incident_id=incident_id or "unassigned", target=target,
-            flow_run_id=str(runtime.flow_run.id) if runtime.flow_run.id else None, severity=severity,
+            flow_run_id=str(runtime.flow_run.id) if runtime.flow_run.id else None,
+            severity=DEFAULT_SEVERITY.get(scenario, "P1"),
             drill=drill, dry_run=dry_run, incident_detected_at=detected_at, started_at=self.started_at,
             recovery_target=recovery_target, rto_objective_seconds=0, rpo_objective_seconds=0,
         )
         self.objective = None
+        self._severity = severity
 
     # The run as a whole ---------------------------------------------------------------------------
 
@@ -188,6 +199,9 @@ class Recovery:
         """
         with self.report.step(name) as step:
             check_parameters()
+            if self._severity:
+                self.report.severity = normalize_severity(self._severity)
+            self._tag_run()
             require_aware("incident_detected_at", self.detected_at)
             refuse_future("incident_detected_at", self.detected_at, self.started_at)
             if self.approval is not None:
@@ -197,6 +211,21 @@ class Recovery:
             yield step
             if not step.detail:
                 step.detail = f"incident {self.incident_id}"
+
+    def tags(self) -> list[str]:
+        """The flow run's tags that server-side automations route on: severity, scenario, drill."""
+        return [f"dr-severity:{self.report.severity}", f"dr-scenario:{self.scenario}", *(["dr-drill"] if self.drill else [])]
+
+    def _tag_run(self) -> None:
+        flow_run_id = runtime.flow_run.id
+        if not flow_run_id:
+            return
+        with get_client(sync_client=True) as client:
+            current = client.read_flow_run(flow_run_id).tags or []
+            wanted = [t for t in self.tags() if t not in current]
+            stale = [t for t in current if t.startswith("dr-severity:") and t not in self.tags()]
+            if wanted or stale:
+                client.update_flow_run(flow_run_id, tags=[t for t in current if t not in stale] + wanted)
 
     def load_objectives(self) -> None:
         """The RTO and RPO objectives of the business function (built-in defaults for 'default')."""
