@@ -85,6 +85,7 @@ def _canonical(part: object) -> str:
     return str(part)
 
 
+INCIDENT_TAG = "dr-incident:"  # every run of one incident carries it: the review finds them by it
 INCIDENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -214,7 +215,10 @@ class Recovery:
 
     def tags(self) -> list[str]:
         """The flow run's tags that server-side automations route on: severity, scenario, drill."""
-        return [f"dr-severity:{self.report.severity}", f"dr-scenario:{self.scenario}", *(["dr-drill"] if self.drill else [])]
+        tags = [f"dr-severity:{self.report.severity}", f"dr-scenario:{self.scenario}"]
+        if self.report.incident_id != "unassigned":
+            tags.append(f"{INCIDENT_TAG}{self.report.incident_id}")
+        return tags + (["dr-drill"] if self.drill else [])
 
     def _tag_run(self) -> None:
         flow_run_id = runtime.flow_run.id
@@ -254,6 +258,7 @@ class Recovery:
             self.report.incident_id = given
         else:
             self.report.incident_id = incident_key(name, self.detected_at, *parts)
+        self._tag_run()
         return self.report.incident_id
 
     @contextmanager

@@ -54,7 +54,8 @@ def test_a_recovery_records_its_severity_and_tags_its_run(redis_cache, redis_ser
                            approval_policy="none", return_state=True)
     report = load_report(state.state_details.flow_run_id)
     assert state.name == "DryRun" and report.severity == "P1"
-    assert {"dr-severity:P1", "dr-scenario:cache"} <= set(_tags(state.state_details.flow_run_id))
+    assert {"dr-severity:P1", "dr-scenario:cache", f"dr-incident:{report.incident_id}"} <= set(
+        _tags(state.state_details.flow_run_id))
 
     state = cache_recovery(cache_block=name, incident_detected_at=detected, dry_run=True, approval_policy="none",
                            return_state=True)
