@@ -286,7 +286,7 @@ def test_a_holder_renews_its_lease_while_it_holds_the_lock(sweeping_server, monk
 
     from prefect.client.orchestration import get_client
 
-    from tasks import locks
+    from runbook import locks
 
     url, lease_dir = sweeping_server
     monkeypatch.setattr(locks, "RENEW_SECONDS", 0.2)
